@@ -1,0 +1,153 @@
+"""The job spec: what to read, what to ask for each row, where to write. Loadable from YAML and usable
+as a Prefect flow parameter (it is a plain pydantic model)."""
+
+from __future__ import annotations
+
+import re
+import string
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Endpoint = Literal["/v1/chat/completions", "/v1/embeddings", "/v1/responses"]
+SUPPORTED_ENDPOINTS: tuple[str, ...] = ("/v1/chat/completions", "/v1/embeddings", "/v1/responses")
+
+# Real API limits: 50,000 lines and 200 MB per file, 50,000 embedding inputs per batch.
+# Defaults keep a margin below them.
+DEFAULT_MAX_LINES = 45_000
+DEFAULT_MAX_BYTES = 190_000_000
+DEFAULT_MAX_EMBEDDING_INPUTS = 45_000
+
+JOB_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,47}$"
+FilterValue = str | int | float | bool | None | list[str | int | float | bool]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceSpec(_Strict):
+    uri: str = Field(description="Parquet file or dataset directory, local path or s3://")
+    id_column: str = Field(description="Column whose value identifies a row (unique, not null)")
+    columns: list[str] | None = Field(
+        default=None, description="Source columns copied to the output (default: all)"
+    )
+    filter: list[tuple[str, str, FilterValue]] | None = Field(
+        default=None,
+        description="Row filter as [column, op, value] triples, all must hold "
+        "(ops: ==, !=, <, <=, >, >=, in, not in); pushed down to the Parquet reader",
+    )
+
+
+class RequestSpec(_Strict):
+    endpoint: str = "/v1/chat/completions"
+    model: str
+    system_prompt: str | None = None
+    template: str = Field(
+        description="User message (chat/responses) or input text (embeddings); "
+        "{column} placeholders are filled from the row"
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="Extra body parameters, e.g. max_tokens, temperature"
+    )
+    output_schema: dict[str, Any] | None = Field(
+        default=None,
+        description="JSON schema of a structured output object; its top-level properties become "
+        "typed output columns",
+    )
+    schema_name: str = "output"
+
+    @field_validator("endpoint")
+    @classmethod
+    def _known_endpoint(cls, value: str) -> str:
+        if value not in SUPPORTED_ENDPOINTS:
+            raise ValueError(
+                f"unsupported endpoint {value!r}: nightbatch supports "
+                f"{', '.join(SUPPORTED_ENDPOINTS)}"
+            )
+        return value
+
+    @field_validator("params")
+    @classmethod
+    def _no_stream(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if value.get("stream"):
+            raise ValueError("params.stream must not be set: the Batch API rejects streaming")
+        for reserved in ("model", "messages", "input"):
+            if reserved in value:
+                raise ValueError(
+                    f"params.{reserved} is built by nightbatch from model/template; remove it"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _schema_fits_endpoint(self) -> RequestSpec:
+        if self.output_schema is not None:
+            if self.endpoint == "/v1/embeddings":
+                raise ValueError("output_schema is not supported for /v1/embeddings")
+            if self.output_schema.get("type") != "object" or not isinstance(
+                self.output_schema.get("properties"), dict
+            ):
+                raise ValueError(
+                    "output_schema must be a JSON schema of type 'object' with 'properties'"
+                )
+        return self
+
+    def template_fields(self) -> list[str]:
+        """Column names the templates refer to, in order of first use."""
+        fields: list[str] = []
+        for text in (self.template, self.system_prompt or ""):
+            for _, name, _, _ in string.Formatter().parse(text):
+                if name is not None and name not in fields:
+                    if name == "" or not re.fullmatch(r"[^\[\].!:]+", name):
+                        raise ValueError(
+                            f"template placeholder {{{name}}} is not a plain column name; "
+                            "use {column_name}"
+                        )
+                    fields.append(name)
+        return fields
+
+
+class Limits(_Strict):
+    max_lines_per_shard: int = Field(default=DEFAULT_MAX_LINES, ge=1, le=50_000)
+    max_bytes_per_shard: int = Field(default=DEFAULT_MAX_BYTES, ge=1024, le=200_000_000)
+    max_embedding_inputs_per_shard: int = Field(
+        default=DEFAULT_MAX_EMBEDDING_INPUTS, ge=1, le=50_000
+    )
+    max_cost_usd: float | None = Field(default=None, ge=0)
+
+
+class RetryPolicy(_Strict):
+    max_attempts: int = Field(default=3, ge=1, le=10)
+
+
+class JobSpec(_Strict):
+    name: str = Field(pattern=JOB_NAME_PATTERN, description="Job name, part of the run id")
+    source: SourceSpec
+    request: RequestSpec
+    output_uri: str = Field(description="Where enriched Parquet goes (local path or s3://)")
+    storage_root: str = Field(description="Root for run state, shards and cost records")
+    limits: Limits = Field(default_factory=Limits)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    tags: dict[str, str] = Field(default_factory=dict)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> JobSpec:
+        path = Path(path)
+        data = yaml.safe_load(path.read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a job spec must be a YAML mapping")
+        base = path.resolve().parent
+        for section, key in (("source", "uri"), (None, "output_uri"), (None, "storage_root")):
+            holder = data.get(section, {}) if section else data
+            if isinstance(holder, dict) and isinstance(holder.get(key), str):
+                holder[key] = _resolve_relative(holder[key], base)
+        return cls.model_validate(data)
+
+
+def _resolve_relative(uri: str, base: Path) -> str:
+    """Relative local paths in a YAML spec are relative to the spec file."""
+    if "://" in uri or Path(uri).is_absolute():
+        return uri
+    return str((base / uri).resolve())

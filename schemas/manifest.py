@@ -1,0 +1,106 @@
+"""The run manifest: the one contract between stages. Lives in object storage next to the run's data;
+stages read it, advance it with the pure transitions in `tasks.transitions`, and write it back atomically."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from schemas.job import JobSpec
+
+BatchStatus = Literal[
+    "validating", "in_progress", "finalizing", "cancelling",
+    "completed", "failed", "expired", "cancelled",
+]  # fmt: skip
+TERMINAL_BATCH_STATUSES: frozenset[str] = frozenset({"completed", "failed", "expired", "cancelled"})
+OPEN_BATCH_STATUSES: frozenset[str] = frozenset(
+    {"validating", "in_progress", "finalizing", "cancelling"}
+)
+
+ShardState = Literal[
+    "prepared",  # request file written, nothing sent
+    "submitting",  # intent recorded: an upload and a batch may exist remotely
+    "uploaded",  # input file uploaded, batch not yet created
+    "submitted",  # batch created; batch_status follows the remote batch
+    "terminal",  # batch reached a terminal status, results not yet collected
+    "collected",  # output and error files parsed into results/errors Parquet
+    "superseded",  # a failed batch (e.g. token limit) whose rows moved to a new attempt
+]
+
+RunStatus = Literal[
+    "prepared", "submitting", "waiting", "collected", "loaded", "failed", "abandoned"
+]  # fmt: skip
+
+
+class ShardCounts(BaseModel):
+    lines: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    retryable: int = 0
+    missing: int = 0
+
+
+class Shard(BaseModel):
+    shard_id: str  # "a{attempt}-s{index:05d}", unique within a run
+    attempt: int
+    index: int
+    request_uri: str
+    lines: int
+    bytes: int
+    input_tokens: int
+    embedding_inputs: int = 0
+    sha256: str
+    state: ShardState = "prepared"
+    submit_started_at: str | None = None
+    file_id: str | None = None
+    batch_id: str | None = None
+    batch_status: BatchStatus | None = None
+    request_counts: dict[str, int] = Field(default_factory=dict)
+    batch_errors: list[dict[str, Any]] = Field(default_factory=list)
+    expires_at: int | None = None
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    submitted_at: str | None = None
+    terminal_at: str | None = None
+    results_uri: str | None = None
+    errors_uri: str | None = None
+    counts: ShardCounts = Field(default_factory=ShardCounts)
+
+
+class CostEstimate(BaseModel):
+    requests: int
+    input_tokens: int
+    output_tokens: int
+    batch_usd: float
+    standard_usd: float
+    price_table_version: str
+
+
+class RunManifest(BaseModel):
+    run_id: str
+    job_name: str
+    run_date: str
+    job: JobSpec
+    status: RunStatus = "prepared"
+    rows_selected: int = 0
+    shards: list[Shard] = Field(default_factory=list)
+    estimate: CostEstimate | None = None
+    created_at: str
+    updated_at: str
+    loaded_at: str | None = None
+    output_file_uri: str | None = None
+    cost_record_uri: str | None = None
+    dead_letter_uri: str | None = None
+    dead_lettered: int = 0
+    notes: list[str] = Field(default_factory=list)
+
+    def shard(self, shard_id: str) -> Shard:
+        for shard in self.shards:
+            if shard.shard_id == shard_id:
+                return shard
+        raise KeyError(f"run {self.run_id} has no shard {shard_id}")
+
+    @property
+    def current_attempt(self) -> int:
+        return max((s.attempt for s in self.shards), default=1)

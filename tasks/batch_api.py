@@ -1,0 +1,194 @@
+"""The Batch API adapter: the only module that talks to the `openai` SDK.
+
+Every call maps SDK exceptions onto our hierarchy: connection errors, timeouts, 429 and 5xx become
+`BatchApiUnavailable` (retried by the caller with backoff, honouring Retry-After); other API errors
+become `BatchApiError`. Empty-string file ids are treated as absent."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import IO, Any, TypeVar
+
+import openai
+from pydantic import BaseModel, Field
+
+from tasks.errors import BatchApiError, BatchApiUnavailable
+
+T = TypeVar("T")
+
+
+class BatchInfo(BaseModel):
+    """What nightbatch keeps of a remote batch."""
+
+    id: str
+    status: str
+    input_file_id: str
+    endpoint: str
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    created_at: int | None = None
+    expires_at: int | None = None
+    request_counts: dict[str, int] = Field(default_factory=dict)
+    errors: list[dict[str, Any]] = Field(default_factory=list)
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+    @classmethod
+    def from_sdk(cls, batch: Any) -> BatchInfo:
+        counts = batch.request_counts
+        errors = batch.errors.data if batch.errors and batch.errors.data else []
+        return cls(
+            id=batch.id,
+            status=batch.status,
+            input_file_id=batch.input_file_id,
+            endpoint=batch.endpoint,
+            output_file_id=batch.output_file_id or None,
+            error_file_id=batch.error_file_id or None,
+            created_at=batch.created_at,
+            expires_at=batch.expires_at,
+            request_counts=(
+                {"total": counts.total, "completed": counts.completed, "failed": counts.failed}
+                if counts
+                else {}
+            ),
+            errors=[e.model_dump() for e in errors],
+            metadata=dict(batch.metadata or {}),
+        )
+
+
+def _retry_after(exc: openai.APIStatusError) -> float | None:
+    value = exc.response.headers.get("retry-after") if exc.response is not None else None
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _translate(exc: Exception, what: str) -> Exception:
+    if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
+        return BatchApiUnavailable(f"{what}: Batch API unreachable ({type(exc).__name__})")
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        message = exc.message
+        if status == 429 or status >= 500 or status == 408:
+            return BatchApiUnavailable(f"{what}: HTTP {status}: {message}", _retry_after(exc))
+        return BatchApiError(f"{what}: HTTP {status}: {message}")
+    return exc
+
+
+class BatchApi:
+    """Files + Batches operations over an injected `openai.OpenAI` client.
+
+    `attempts` bounds our own retries of transient failures; the SDK's retries are switched off for
+    `batches.create` because it sends no idempotency key (a retried create can make a second batch)."""
+
+    def __init__(
+        self,
+        client: openai.OpenAI,
+        *,
+        attempts: int = 5,
+        backoff_seconds: float = 0.5,
+        max_backoff_seconds: float = 30.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.client = client
+        self.attempts = attempts
+        self.backoff_seconds = backoff_seconds
+        self.max_backoff_seconds = max_backoff_seconds
+        self.sleep = sleep
+
+    def _call(self, what: str, fn: Callable[[], T], *, retry: bool = True) -> T:
+        delay = self.backoff_seconds
+        for attempt in range(1, self.attempts + 1):
+            try:
+                return fn()
+            except Exception as exc:  # noqa: BLE001 - translated below
+                translated = _translate(exc, what)
+                if (
+                    not retry
+                    or not isinstance(translated, BatchApiUnavailable)
+                    or attempt == self.attempts
+                ):
+                    raise translated from exc
+                wait = translated.retry_after if translated.retry_after is not None else delay
+                self.sleep(min(wait, self.max_backoff_seconds))
+                delay = min(delay * 2, self.max_backoff_seconds)
+        raise AssertionError("unreachable")
+
+    def upload(self, handle: IO[bytes], filename: str) -> str:
+        def do() -> str:
+            handle.seek(0)
+            return self.client.files.create(file=(filename, handle), purpose="batch").id
+
+        return self._call(f"upload {filename}", do)
+
+    def create_batch(self, file_id: str, endpoint: str, metadata: dict[str, str]) -> BatchInfo:
+        """One create, no retries here: after a failure the caller must look the batch up by its
+        metadata before trying again."""
+        client = self.client.with_options(max_retries=0)
+        batch = self._call(
+            f"create batch for {file_id}",
+            lambda: client.batches.create(
+                input_file_id=file_id,
+                endpoint=endpoint,  # type: ignore[arg-type]
+                completion_window="24h",
+                metadata=metadata,
+            ),
+            retry=False,
+        )
+        return BatchInfo.from_sdk(batch)
+
+    def retrieve(self, batch_id: str) -> BatchInfo:
+        return BatchInfo.from_sdk(
+            self._call(f"retrieve {batch_id}", lambda: self.client.batches.retrieve(batch_id))
+        )
+
+    def cancel(self, batch_id: str) -> BatchInfo:
+        return BatchInfo.from_sdk(
+            self._call(f"cancel {batch_id}", lambda: self.client.batches.cancel(batch_id))
+        )
+
+    def iter_batches(self) -> Iterator[BatchInfo]:
+        page = self._call("list batches", lambda: self.client.batches.list(limit=100))
+        while True:
+            for batch in page.data:
+                yield BatchInfo.from_sdk(batch)
+            if not page.has_next_page():
+                return
+            page = self._call("list batches", page.get_next_page)
+
+    def find_batches(self, metadata: dict[str, str]) -> list[BatchInfo]:
+        """Batches whose metadata contains every given pair (the API cannot filter: scan)."""
+        return [
+            b
+            for b in self.iter_batches()
+            if all(b.metadata.get(k) == v for k, v in metadata.items())
+        ]
+
+    def iter_files(self) -> Iterator[Any]:
+        page = self._call("list files", lambda: self.client.files.list(purpose="batch"))
+        while True:
+            yield from page.data
+            if not page.has_next_page():
+                return
+            page = self._call("list files", page.get_next_page)
+
+    def delete_file(self, file_id: str) -> None:
+        with contextlib.suppress(BatchApiError):  # already gone
+            self._call(f"delete {file_id}", lambda: self.client.files.delete(file_id))
+
+    def download(self, file_id: str, sink: IO[bytes]) -> int:
+        """Stream a file's content into `sink`; returns the bytes written. Retried whole on failure."""
+
+        def do() -> int:
+            sink.seek(0)
+            sink.truncate()
+            written = 0
+            with self.client.files.with_streaming_response.content(file_id) as response:
+                for chunk in response.iter_bytes():
+                    sink.write(chunk)
+                    written += len(chunk)
+            return written
+
+        return self._call(f"download {file_id}", do)

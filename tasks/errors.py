@@ -1,0 +1,57 @@
+"""The exception hierarchy for operational errors.
+
+Per-request failures (error lines, missing lines, expired or cancelled lines) are *data*, never
+exceptions. Exceptions are for what stops a stage:
+
+    NightbatchError
+    ├── TransientError      retrying the same step may succeed (API 429/5xx/timeouts, storage hiccups);
+    │   └── BatchApiUnavailable   Prefect task retries are driven by this branch only
+    └── TerminalError       retrying will not help until something changes
+        ├── BadInputError       the job spec or the source data is wrong; raised before anything is paid
+        ├── BudgetExceededError the estimate is above the job's max_cost_usd
+        ├── InvalidTransitionError  a manifest transition from the wrong state
+        ├── RunNotFoundError    no manifest for the run
+        └── BatchApiError       the Batch API refused a request (400/401/404/409...)
+"""
+
+from __future__ import annotations
+
+
+class NightbatchError(Exception):
+    """Base of every error nightbatch raises on purpose."""
+
+
+class TransientError(NightbatchError):
+    """A failure that may go away if the same step is retried later."""
+
+
+class TerminalError(NightbatchError):
+    """A failure that retrying the same step will not fix."""
+
+
+class BatchApiUnavailable(TransientError):
+    """The Batch API did not answer usefully (connection error, timeout, 429, 5xx)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BatchApiError(TerminalError):
+    """The Batch API rejected a request."""
+
+
+class BadInputError(TerminalError):
+    """The job spec or its source data cannot be turned into requests; the message says how to fix it."""
+
+
+class BudgetExceededError(TerminalError):
+    """The run's estimated cost is above the job's budget."""
+
+
+class InvalidTransitionError(TerminalError):
+    """A manifest transition was asked of a shard or run in the wrong state."""
+
+
+class RunNotFoundError(TerminalError):
+    """There is no manifest for the requested run."""
