@@ -131,6 +131,14 @@ class JobSpec(_Strict):
     limits: Limits = Field(default_factory=Limits)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     tags: dict[str, str] = Field(default_factory=dict)
+    prices: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Prices per 1M tokens for models missing from (or overriding) the shipped table: "
+        "model -> {standard: {input, cached_input, output}, batch: {...}}; batch defaults to 50%",
+    )
+    price_table_path: str | None = Field(
+        default=None, description="A local YAML price file extending the shipped table"
+    )
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> JobSpec:

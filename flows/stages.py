@@ -1,0 +1,306 @@
+"""The stage flows. Each is runnable alone on an existing run; `pipeline` runs them in order with
+inline polling (for local use and small jobs — scheduled deployments use the poller instead)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.context import build_batch_api, build_store, resolve_job, resolve_run_date
+from schemas.job import JobSpec
+from schemas.manifest import TERMINAL_BATCH_STATUSES, RunManifest
+from schemas.settings import Settings
+from tasks import transitions as tr
+from tasks.batch_api import BatchApi
+from tasks.costrecord import check_budget, cost_records, estimate_cost
+from tasks.errors import TerminalError
+from tasks.load import billed_usage_by_model, gather_outcomes, write_output
+from tasks.runs import (
+    find_manifest,
+    layout_for,
+    load_manifest,
+    manifest_layout,
+    new_manifest,
+    save_manifest,
+    utc_now,
+)
+from tasks.steps import collect_shard_task, poll_batch_task, submit_shard_task, write_shards_task
+from tasks.storage import ObjectStore
+
+TASK_RUNNER = ThreadPoolTaskRunner(max_workers=4)
+
+
+def _run_name(stage: str) -> Any:
+    def name() -> str:
+        params = flow_run.parameters
+        job = params.get("job")
+        job_name = getattr(job, "name", None) or (
+            job.get("name") if isinstance(job, dict) else None
+        )
+        if job_name is None and isinstance(job, str):
+            job_name = job.rsplit("/", 1)[-1].removesuffix(".yaml")
+        return f"{stage}-{job_name}-{params.get('run_date') or 'today'}"
+
+    return name
+
+
+def summary(manifest: RunManifest) -> dict[str, Any]:
+    states: dict[str, int] = {}
+    for shard in manifest.shards:
+        key = shard.batch_status if shard.state in ("submitted", "terminal") else shard.state
+        states[str(key)] = states.get(str(key), 0) + 1
+    return {
+        "run_id": manifest.run_id,
+        "status": manifest.status,
+        "rows": manifest.rows_selected,
+        "shards": states,
+        "output": manifest.output_file_uri,
+        "cost_record": manifest.cost_record_uri,
+    }
+
+
+# ---- prepare -------------------------------------------------------------------------------------
+
+
+def prepare_stage(job: JobSpec, run_date: str, store: ObjectStore) -> RunManifest:
+    logger = get_run_logger()
+    layout = layout_for(job, run_date)
+    existing = find_manifest(store, layout)
+    if existing is not None:
+        logger.info("run %s already prepared (%s); resuming", existing.run_id, existing.status)
+        return existing
+    result = write_shards_task(job, store, layout)
+    manifest = new_manifest(job, run_date, utc_now())
+    estimate = estimate_cost(job, result.rows, sum(s.input_tokens for s in result.shards))
+    manifest = manifest.model_copy(
+        update={"shards": result.shards, "rows_selected": result.rows, "estimate": estimate}
+    )
+    save_manifest(store, manifest)
+    logger.info(
+        "prepared %s: %d rows in %d shards, %d input tokens, estimated $%.4f at batch prices "
+        "($%.4f at standard prices)",
+        manifest.run_id, result.rows, len(result.shards), estimate.input_tokens,
+        estimate.batch_usd, estimate.standard_usd,
+    )  # fmt: skip
+    return manifest
+
+
+@flow(name="prepare", flow_run_name=_run_name("prepare"), task_runner=TASK_RUNNER)
+def prepare(job: JobSpec | str, run_date: str | None = None) -> dict[str, Any]:
+    """Stream the source, render requests, pack shards, estimate cost; write the run manifest."""
+    spec, date = resolve_job(job), resolve_run_date(run_date)
+    return summary(prepare_stage(spec, date, build_store(Settings.from_env())))
+
+
+# ---- submit --------------------------------------------------------------------------------------
+
+
+def submit_stage(manifest: RunManifest, store: ObjectStore, api: BatchApi) -> RunManifest:
+    logger = get_run_logger()
+    job = manifest.job
+    check_budget(manifest)
+    now = utc_now()
+    starting = [tr.start_submit(s, now) for s in manifest.shards if s.state == "prepared"]
+    if starting:  # the intent is on record before anything is uploaded
+        manifest = tr.with_status(tr.replace_shards(manifest, starting, now), now)
+        save_manifest(store, manifest)
+    pending = [s for s in manifest.shards if s.state == "submitting"]
+    futures = [
+        submit_shard_task.submit(api, store, manifest.run_id, job.request.endpoint, shard)
+        for shard in pending
+    ]
+    for shard, future in zip(pending, futures, strict=True):
+        batch = future.result()
+        manifest = tr.replace_shard(manifest, tr.record_batch(shard, batch, utc_now()), utc_now())
+        save_manifest(store, manifest)
+        logger.info("shard %s -> batch %s (%s)", shard.shard_id, batch.id, batch.status)
+    manifest = tr.with_status(manifest, utc_now())
+    save_manifest(store, manifest)
+    return manifest
+
+
+@flow(name="submit", flow_run_name=_run_name("submit"), task_runner=TASK_RUNNER)
+def submit(job: JobSpec | str, run_date: str | None = None) -> dict[str, Any]:
+    """Upload shard files and create batches, exactly once per shard attempt."""
+    spec, date = resolve_job(job), resolve_run_date(run_date)
+    settings = Settings.from_env()
+    store = build_store(settings)
+    manifest = load_manifest(store, layout_for(spec, date))
+    return summary(submit_stage(manifest, store, build_batch_api(settings)))
+
+
+# ---- wait ----------------------------------------------------------------------------------------
+
+
+def poll_stage(manifest: RunManifest, store: ObjectStore, api: BatchApi) -> RunManifest:
+    """Check every open batch once."""
+    logger = get_run_logger()
+    open_shards = [s for s in manifest.shards if s.state == "submitted"]
+    futures = [poll_batch_task.submit(api, s.batch_id) for s in open_shards]
+    changed = []
+    for shard, future in zip(open_shards, futures, strict=True):
+        batch = future.result()
+        if batch.status != shard.batch_status:
+            logger.info(
+                "batch %s of shard %s: %s -> %s",
+                batch.id,
+                shard.shard_id,
+                shard.batch_status,
+                batch.status,
+            )
+        changed.append(tr.record_poll(shard, batch, utc_now()))
+    if changed:
+        manifest = tr.with_status(tr.replace_shards(manifest, changed, utc_now()), utc_now())
+        save_manifest(store, manifest)
+    return manifest
+
+
+def all_batches_terminal(manifest: RunManifest) -> bool:
+    return all(
+        s.state in ("terminal", "collected", "superseded")
+        or (s.batch_status in TERMINAL_BATCH_STATUSES and s.state != "submitted")
+        for s in manifest.shards
+    )
+
+
+@flow(name="wait", flow_run_name=_run_name("wait"), task_runner=TASK_RUNNER)
+def wait(job: JobSpec | str, run_date: str | None = None) -> dict[str, Any]:
+    """Check each open batch once and record its status (no sleeping loop)."""
+    spec, date = resolve_job(job), resolve_run_date(run_date)
+    settings = Settings.from_env()
+    store = build_store(settings)
+    manifest = load_manifest(store, layout_for(spec, date))
+    return summary(poll_stage(manifest, store, build_batch_api(settings)))
+
+
+# ---- collect -------------------------------------------------------------------------------------
+
+
+def collect_stage(manifest: RunManifest, store: ObjectStore, api: BatchApi) -> RunManifest:
+    logger = get_run_logger()
+    layout = manifest_layout(manifest)
+    ready = [s for s in manifest.shards if s.state == "terminal"]
+    futures = [collect_shard_task.submit(manifest.job, layout, s, store, api) for s in ready]
+    for shard, future in zip(ready, futures, strict=True):
+        results_uri, errors_uri, counts = future.result()
+        collected = tr.record_collected(shard, results_uri, errors_uri, counts)
+        manifest = tr.with_status(tr.replace_shard(manifest, collected, utc_now()), utc_now())
+        save_manifest(store, manifest)
+        logger.info(
+            "collected shard %s (batch %s, %s): %d succeeded, %d failed (%d retryable, %d missing)",
+            shard.shard_id, shard.batch_id, shard.batch_status, counts.succeeded, counts.failed,
+            counts.retryable, counts.missing,
+        )  # fmt: skip
+    return manifest
+
+
+@flow(name="collect", flow_run_name=_run_name("collect"), task_runner=TASK_RUNNER)
+def collect(job: JobSpec | str, run_date: str | None = None) -> dict[str, Any]:
+    """Download and parse the output and error files of every terminal batch."""
+    spec, date = resolve_job(job), resolve_run_date(run_date)
+    settings = Settings.from_env()
+    store = build_store(settings)
+    manifest = load_manifest(store, layout_for(spec, date))
+    return summary(collect_stage(manifest, store, build_batch_api(settings)))
+
+
+# ---- load ----------------------------------------------------------------------------------------
+
+
+def load_stage(manifest: RunManifest, store: ObjectStore) -> RunManifest:
+    logger = get_run_logger()
+    if tr.run_status_from_shards(manifest) != "collected":
+        raise TerminalError(
+            f"run {manifest.run_id} is not ready to load: status {manifest.status}, shards "
+            f"{summary(manifest)['shards']}. Run wait and collect until every shard is collected."
+        )
+    loaded = write_output(manifest, store)
+    outcomes = gather_outcomes(manifest, store)
+    now = utc_now()
+    records = cost_records(
+        manifest,
+        billed_usage_by_model(outcomes),
+        succeeded=loaded.rows_written,
+        failed=outcomes.errors.num_rows,
+        dead_lettered=loaded.rows_dead_lettered,
+        loaded_at=now,
+    )
+    import pyarrow as pa
+
+    from schemas.tables import COST_RECORD_SCHEMA
+
+    layout = manifest_layout(manifest)
+    store.write_table(layout.cost_record, pa.Table.from_pylist(records, schema=COST_RECORD_SCHEMA))
+    notes = list(manifest.notes)
+    if loaded.rows_not_in_run:
+        notes.append(
+            f"{loaded.rows_not_in_run} source rows appeared after prepare and are not in this run"
+        )
+    manifest = tr.mark_loaded(
+        manifest,
+        now,
+        output_file_uri=loaded.output_uri,
+        dead_letter_uri=loaded.dead_letter_uri,
+        cost_record_uri=layout.cost_record,
+        dead_lettered=loaded.rows_dead_lettered,
+        notes=notes,
+    )
+    save_manifest(store, manifest)
+    logger.info(
+        "loaded %s: %d rows enriched, %d dead-lettered -> %s; cost $%.4f (standard $%.4f, saved $%.4f)",
+        manifest.run_id, loaded.rows_written, loaded.rows_dead_lettered, loaded.output_uri,
+        sum(r["cost_batch_usd"] for r in records), sum(r["cost_standard_usd"] for r in records),
+        sum(r["savings_usd"] for r in records),
+    )  # fmt: skip
+    return manifest
+
+
+@flow(name="load", flow_run_name=_run_name("load"))
+def load(job: JobSpec | str, run_date: str | None = None) -> dict[str, Any]:
+    """Write the enriched rows and the dead letter atomically, then the cost record (last)."""
+    spec, date = resolve_job(job), resolve_run_date(run_date)
+    store = build_store(Settings.from_env())
+    return summary(load_stage(load_manifest(store, layout_for(spec, date)), store))
+
+
+# ---- pipeline ------------------------------------------------------------------------------------
+
+
+@flow(name="pipeline", flow_run_name=_run_name("pipeline"), task_runner=TASK_RUNNER)
+def pipeline(
+    job: JobSpec | str,
+    run_date: str | None = None,
+    poll_interval_seconds: float | None = None,
+    max_wait_seconds: float | None = None,
+) -> dict[str, Any]:
+    """prepare → submit → wait (inline polling) → collect → load, resuming whatever the run has done."""
+    spec, date = resolve_job(job), resolve_run_date(run_date)
+    settings = Settings.from_env()
+    interval = (
+        poll_interval_seconds
+        if poll_interval_seconds is not None
+        else settings.poll_interval_seconds
+    )
+    deadline = time.monotonic() + (max_wait_seconds or settings.max_wait_seconds)
+    store = build_store(settings)
+    manifest = prepare_stage(spec, date, store)
+    if manifest.status == "loaded":
+        get_run_logger().info("run %s is already loaded; nothing to do", manifest.run_id)
+        return summary(manifest)
+    api = build_batch_api(settings)
+    manifest = submit_stage(manifest, store, api)
+    while True:
+        manifest = poll_stage(manifest, store, api)
+        manifest = collect_stage(manifest, store, api)
+        if tr.run_status_from_shards(manifest) == "collected":
+            break
+        if time.monotonic() > deadline:
+            raise TerminalError(
+                f"run {manifest.run_id} still has open batches after waiting; rerun to resume"
+            )
+        time.sleep(interval)
+    return summary(load_stage(manifest, store))

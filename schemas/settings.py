@@ -1,0 +1,33 @@
+"""Runtime settings, read from the environment only when a flow or the CLI asks (never at import)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from pydantic import BaseModel, SecretStr
+
+
+class Settings(BaseModel):
+    openai_api_key: SecretStr | None = None
+    openai_base_url: str | None = None
+    openai_organization: str | None = None
+    openai_project: str | None = None
+    poll_interval_seconds: float = 60.0
+    max_wait_seconds: float = 26 * 3600.0
+    max_workers: int = 4
+    storage_options: dict[str, str] = {}
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        key = env.get("OPENAI_API_KEY")
+        return cls(
+            openai_api_key=SecretStr(key) if key else None,
+            openai_base_url=env.get("OPENAI_BASE_URL") or None,
+            openai_organization=env.get("OPENAI_ORG_ID") or None,
+            openai_project=env.get("OPENAI_PROJECT_ID") or None,
+            poll_interval_seconds=float(env.get("NIGHTBATCH_POLL_INTERVAL_SECONDS", 60)),
+            max_wait_seconds=float(env.get("NIGHTBATCH_MAX_WAIT_SECONDS", 26 * 3600)),
+            max_workers=int(env.get("NIGHTBATCH_MAX_WORKERS", 4)),
+        )

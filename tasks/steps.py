@@ -1,0 +1,62 @@
+"""Prefect tasks: thin wrappers that unpack references, call one piece of logic or one adapter, and
+return a small summary. Retries are driven by the transient branch of the error hierarchy only."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from schemas.job import JobSpec
+from schemas.manifest import Shard, ShardCounts
+from tasks.batch_api import BatchApi, BatchInfo
+from tasks.collect import collect_shard
+from tasks.errors import TransientError
+from tasks.layout import RunLayout
+from tasks.prepare import PrepareResult, write_shards
+from tasks.storage import ObjectStore
+from tasks.submit import submit_shard
+
+
+def only_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry a task only when it failed with a TransientError."""
+    try:
+        state.result()
+    except TransientError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+RETRYING = {
+    "retries": 3,
+    "retry_delay_seconds": [2, 10, 30],
+    "retry_condition_fn": only_transient,
+    "cache_policy": NO_CACHE,
+}
+
+
+@task(name="write-shards", cache_policy=NO_CACHE)
+def write_shards_task(job: JobSpec, store: ObjectStore, layout: RunLayout) -> PrepareResult:
+    return write_shards(job, store, layout)
+
+
+@task(name="submit-shard", task_run_name="submit-{shard.shard_id}", **RETRYING)  # type: ignore[arg-type]
+def submit_shard_task(
+    api: BatchApi, store: ObjectStore, run_id: str, endpoint: str, shard: Shard
+) -> BatchInfo:
+    return submit_shard(api, store, run_id, endpoint, shard)
+
+
+@task(name="poll-batch", task_run_name="poll-{batch_id}", **RETRYING)  # type: ignore[arg-type]
+def poll_batch_task(api: BatchApi, batch_id: str) -> BatchInfo:
+    return api.retrieve(batch_id)
+
+
+@task(name="collect-shard", task_run_name="collect-{shard.shard_id}", **RETRYING)  # type: ignore[arg-type]
+def collect_shard_task(
+    job: JobSpec, layout: RunLayout, shard: Shard, store: ObjectStore, api: BatchApi
+) -> tuple[str, str, ShardCounts]:
+    return collect_shard(job, layout, shard, store, api)

@@ -1,0 +1,88 @@
+"""submit: upload shard files and create batches, exactly once per shard attempt.
+
+The protocol, safe against a crash or retry at any point:
+1. the manifest records the intent (`submitting`) before anything is uploaded;
+2. for a shard in `submitting`, look for a batch already created for it (batch metadata carries the run,
+   the shard and the file's sha256); adopt it if found;
+3. otherwise delete our orphaned uploads of that shard, upload the file, create the batch; if the create
+   fails in a way that may have created it (5xx, timeout), look it up again before retrying.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+from schemas.manifest import Shard
+from tasks.batch_api import BatchApi, BatchInfo
+from tasks.errors import BatchApiUnavailable
+from tasks.storage import ObjectStore
+
+CREATE_ATTEMPTS = 4
+
+
+def shard_metadata(run_id: str, shard: Shard) -> dict[str, str]:
+    return {
+        "nightbatch_run": run_id[:512],
+        "nightbatch_shard": shard.shard_id,
+        "nightbatch_attempt": str(shard.attempt),
+        "nightbatch_sha256": shard.sha256,
+    }
+
+
+def upload_filename(run_id: str, shard: Shard) -> str:
+    return f"nightbatch.{run_id}.{shard.shard_id}.jsonl"
+
+
+def find_existing_batch(api: BatchApi, run_id: str, shard: Shard) -> BatchInfo | None:
+    matches = api.find_batches(shard_metadata(run_id, shard))
+    if not matches:
+        return None
+    usable = [b for b in matches if b.status != "failed"] or matches
+    return max(usable, key=lambda b: b.created_at or 0)
+
+
+def delete_orphan_uploads(api: BatchApi, run_id: str, shard: Shard, keep: str | None = None) -> int:
+    """Delete uploads of this shard that no batch uses (left by a crash between upload and create)."""
+    name = upload_filename(run_id, shard)
+    deleted = 0
+    for file in api.iter_files():
+        if file.filename == name and file.id != keep:
+            api.delete_file(file.id)
+            deleted += 1
+    return deleted
+
+
+def submit_shard(
+    api: BatchApi,
+    store: ObjectStore,
+    run_id: str,
+    endpoint: str,
+    shard: Shard,
+    sleep: Callable[[float], None] | None = None,
+) -> BatchInfo:
+    """Return the one batch of this shard attempt, creating it only if none exists."""
+    existing = find_existing_batch(api, run_id, shard)
+    if existing is not None:
+        delete_orphan_uploads(api, run_id, shard, keep=existing.input_file_id)
+        return existing
+    delete_orphan_uploads(api, run_id, shard)
+    with store.open_read(shard.request_uri) as handle:
+        file_id = api.upload(handle, upload_filename(run_id, shard))
+    metadata = shard_metadata(run_id, shard)
+    last_error: Exception | None = None
+    for attempt in range(CREATE_ATTEMPTS):
+        try:
+            return api.create_batch(file_id, endpoint, metadata)
+        except BatchApiUnavailable as exc:
+            last_error = exc
+            # The create may have happened even though we got no answer: look before trying again.
+            existing = find_existing_batch(api, run_id, shard)
+            if existing is not None:
+                return existing
+            wait = exc.retry_after if exc.retry_after is not None else 0.5 * 2**attempt
+            (sleep or api.sleep)(min(wait, api.max_backoff_seconds))
+    with contextlib.suppress(Exception):
+        api.delete_file(file_id)
+    assert last_error is not None
+    raise last_error

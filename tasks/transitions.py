@@ -1,0 +1,109 @@
+"""Pure manifest transitions. Each checks the state it starts from and returns a new object; stages
+persist the result. A transition from the wrong state raises InvalidTransitionError."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from schemas.manifest import TERMINAL_BATCH_STATUSES, RunManifest, Shard, ShardCounts
+from tasks.batch_api import BatchInfo
+from tasks.errors import InvalidTransitionError
+
+
+def _require(shard: Shard, allowed: Iterable[str], action: str) -> None:
+    allowed = tuple(allowed)
+    if shard.state not in allowed:
+        raise InvalidTransitionError(
+            f"cannot {action} shard {shard.shard_id}: it is {shard.state!r}, expected one of {allowed}"
+        )
+
+
+def start_submit(shard: Shard, now: str) -> Shard:
+    """Record the intent to submit before anything is uploaded or created."""
+    _require(shard, ("prepared",), "start submitting")
+    return shard.model_copy(update={"state": "submitting", "submit_started_at": now})
+
+
+def record_batch(shard: Shard, batch: BatchInfo, now: str) -> Shard:
+    _require(shard, ("submitting",), "record a batch for")
+    return shard.model_copy(
+        update={
+            "state": "submitted",
+            "file_id": batch.input_file_id,
+            "batch_id": batch.id,
+            "batch_status": batch.status,
+            "expires_at": batch.expires_at,
+            "submitted_at": now,
+        }
+    )
+
+
+def record_poll(shard: Shard, batch: BatchInfo, now: str) -> Shard:
+    _require(shard, ("submitted",), "record a poll of")
+    if batch.id != shard.batch_id:
+        raise InvalidTransitionError(
+            f"shard {shard.shard_id} has batch {shard.batch_id}, not {batch.id}"
+        )
+    terminal = batch.status in TERMINAL_BATCH_STATUSES
+    return shard.model_copy(
+        update={
+            "state": "terminal" if terminal else "submitted",
+            "batch_status": batch.status,
+            "request_counts": batch.request_counts,
+            "batch_errors": batch.errors,
+            "output_file_id": batch.output_file_id,
+            "error_file_id": batch.error_file_id,
+            "terminal_at": now if terminal else None,
+        }
+    )
+
+
+def record_collected(shard: Shard, results_uri: str, errors_uri: str, counts: ShardCounts) -> Shard:
+    _require(shard, ("terminal",), "record the collection of")
+    return shard.model_copy(
+        update={
+            "state": "collected",
+            "results_uri": results_uri,
+            "errors_uri": errors_uri,
+            "counts": counts,
+        }
+    )
+
+
+def replace_shard(manifest: RunManifest, shard: Shard, now: str) -> RunManifest:
+    shards = [shard if s.shard_id == shard.shard_id else s for s in manifest.shards]
+    return manifest.model_copy(update={"shards": shards, "updated_at": now})
+
+
+def replace_shards(manifest: RunManifest, changed: Iterable[Shard], now: str) -> RunManifest:
+    by_id = {s.shard_id: s for s in changed}
+    shards = [by_id.get(s.shard_id, s) for s in manifest.shards]
+    return manifest.model_copy(update={"shards": shards, "updated_at": now})
+
+
+def run_status_from_shards(manifest: RunManifest) -> str:
+    """The run status the shard states amount to (loaded, failed and abandoned are kept as they are)."""
+    if manifest.status in ("loaded", "abandoned"):
+        return manifest.status
+    states = {s.state for s in manifest.shards if s.state != "superseded"}
+    if not states or states == {"collected"}:
+        return "collected"
+    if states & {"prepared", "submitting"}:
+        return "submitting" if states - {"prepared"} else "prepared"
+    return "waiting"
+
+
+def with_status(manifest: RunManifest, now: str, **extra: Any) -> RunManifest:
+    update = {"status": run_status_from_shards(manifest), "updated_at": now, **extra}
+    return manifest.model_copy(update=update)
+
+
+def mark_loaded(manifest: RunManifest, now: str, **extra: Any) -> RunManifest:
+    if run_status_from_shards(manifest) != "collected" and manifest.status != "loaded":
+        raise InvalidTransitionError(
+            f"cannot load run {manifest.run_id}: not every shard is collected ({manifest.status})"
+        )
+    return manifest.model_copy(
+        update={"status": "loaded", "loaded_at": now, "updated_at": now, **extra}
+    )
