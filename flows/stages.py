@@ -4,6 +4,7 @@ inline polling (for local use and small jobs — scheduled deployments use the p
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -15,13 +16,22 @@ from schemas.job import JobSpec
 from schemas.manifest import TERMINAL_BATCH_STATUSES, RunManifest
 from schemas.settings import Settings
 from tasks import transitions as tr
+from tasks.admission import admit, queue_state
 from tasks.batch_api import BatchApi
 from tasks.costrecord import check_budget, cost_records, estimate_cost
 from tasks.errors import TerminalError
-from tasks.load import billed_usage_by_model, gather_outcomes, write_output
+from tasks.load import (
+    billed_usage_by_model,
+    cost_table,
+    gather_outcomes,
+    succeeded_ids_and_errors,
+    write_output,
+)
+from tasks.retry import plan_retries, write_retry_shards
 from tasks.runs import (
     find_manifest,
     layout_for,
+    list_manifests,
     load_manifest,
     manifest_layout,
     new_manifest,
@@ -104,7 +114,18 @@ def submit_stage(manifest: RunManifest, store: ObjectStore, api: BatchApi) -> Ru
     job = manifest.job
     check_budget(manifest)
     now = utc_now()
-    starting = [tr.start_submit(s, now) for s in manifest.shards if s.state == "prepared"]
+    prepared = [s for s in manifest.shards if s.state == "prepared"]
+    queue = queue_state(
+        list_manifests(store, job.storage_root), job.request.model, datetime.now(UTC)
+    )
+    admitted = admit(prepared, queue, job.limits.max_enqueued_tokens)
+    if len(admitted) < len(prepared):
+        logger.info(
+            "%d of %d shards wait for queue room (%d %s tokens queued, limit %s; %d creates in the last hour)",
+            len(prepared) - len(admitted), len(prepared), queue.queued_tokens, job.request.model,
+            job.limits.max_enqueued_tokens, queue.created_last_hour,
+        )  # fmt: skip
+    starting = [tr.start_submit(s, now) for s in admitted]
     if starting:  # the intent is on record before anything is uploaded
         manifest = tr.with_status(tr.replace_shards(manifest, starting, now), now)
         save_manifest(store, manifest)
@@ -136,7 +157,9 @@ def submit(job: JobSpec | str, run_date: str | None = None) -> dict[str, Any]:
 # ---- wait ----------------------------------------------------------------------------------------
 
 
-def poll_stage(manifest: RunManifest, store: ObjectStore, api: BatchApi) -> RunManifest:
+def poll_stage(
+    manifest: RunManifest, store: ObjectStore, api: BatchApi, grace_seconds: float = 3600
+) -> RunManifest:
     """Check every open batch once."""
     logger = get_run_logger()
     open_shards = [s for s in manifest.shards if s.state == "submitted"]
@@ -144,6 +167,13 @@ def poll_stage(manifest: RunManifest, store: ObjectStore, api: BatchApi) -> RunM
     changed = []
     for shard, future in zip(open_shards, futures, strict=True):
         batch = future.result()
+        if tr.is_overdue(batch.status, batch.expires_at, time.time(), grace_seconds):
+            logger.warning(
+                "batch %s of shard %s is past its expiry (+%ds grace) and still %s: cancelling it; "
+                "its finished lines are kept and the rest retried", batch.id, shard.shard_id,
+                grace_seconds, batch.status,
+            )  # fmt: skip
+            batch = api.cancel(batch.id)
         if batch.status != shard.batch_status:
             logger.info(
                 "batch %s of shard %s: %s -> %s",
@@ -174,7 +204,9 @@ def wait(job: JobSpec | str, run_date: str | None = None) -> dict[str, Any]:
     settings = Settings.from_env()
     store = build_store(settings)
     manifest = load_manifest(store, layout_for(spec, date))
-    return summary(poll_stage(manifest, store, build_batch_api(settings)))
+    return summary(
+        poll_stage(manifest, store, build_batch_api(settings), settings.expiry_grace_seconds)
+    )
 
 
 # ---- collect -------------------------------------------------------------------------------------
@@ -208,6 +240,47 @@ def collect(job: JobSpec | str, run_date: str | None = None) -> dict[str, Any]:
     return summary(collect_stage(manifest, store, build_batch_api(settings)))
 
 
+# ---- retry-failures ------------------------------------------------------------------------------
+
+
+def retry_stage(manifest: RunManifest, store: ObjectStore) -> tuple[RunManifest, int]:
+    """Add shards of the next attempt for retryable rows; returns the manifest and the rows resent."""
+    logger = get_run_logger()
+    if tr.run_status_from_shards(manifest) != "collected" or manifest.status == "loaded":
+        return manifest, 0
+    succeeded, errors = succeeded_ids_and_errors(manifest, store)
+    plan = plan_retries(errors, succeeded, manifest.job.retry.max_attempts)
+    if plan.rows == 0:
+        logger.info(
+            "run %s: nothing retryable left (%d permanent failures, %d out of attempts)",
+            manifest.run_id, plan.permanent, plan.exhausted,
+        )  # fmt: skip
+        return manifest, 0
+    shards = write_retry_shards(manifest, plan, store, manifest_layout(manifest))
+    now = utc_now()
+    manifest = tr.with_status(
+        manifest.model_copy(update={"shards": [*manifest.shards, *shards]}), now
+    )
+    save_manifest(store, manifest)
+    logger.info(
+        "run %s: %d rows resent as attempt %d in %d shards (%d permanent failures, %d out of attempts)",
+        manifest.run_id, plan.rows, shards[0].attempt, len(shards), plan.permanent, plan.exhausted,
+    )  # fmt: skip
+    return manifest, plan.rows
+
+
+@flow(name="retry-failures", flow_run_name=_run_name("retry-failures"), task_runner=TASK_RUNNER)
+def retry_failures(job: JobSpec | str, run_date: str | None = None) -> dict[str, Any]:
+    """Resubmit the retryable failures of a collected run as its next attempt."""
+    spec, date = resolve_job(job), resolve_run_date(run_date)
+    settings = Settings.from_env()
+    store = build_store(settings)
+    manifest, resent = retry_stage(load_manifest(store, layout_for(spec, date)), store)
+    if resent:
+        manifest = submit_stage(manifest, store, build_batch_api(settings))
+    return summary(manifest) | {"resent": resent}
+
+
 # ---- load ----------------------------------------------------------------------------------------
 
 
@@ -229,12 +302,8 @@ def load_stage(manifest: RunManifest, store: ObjectStore) -> RunManifest:
         dead_lettered=loaded.rows_dead_lettered,
         loaded_at=now,
     )
-    import pyarrow as pa
-
-    from schemas.tables import COST_RECORD_SCHEMA
-
     layout = manifest_layout(manifest)
-    store.write_table(layout.cost_record, pa.Table.from_pylist(records, schema=COST_RECORD_SCHEMA))
+    store.write_table(layout.cost_record, cost_table(records))
     notes = list(manifest.notes)
     if loaded.rows_not_in_run:
         notes.append(
@@ -277,7 +346,8 @@ def pipeline(
     poll_interval_seconds: float | None = None,
     max_wait_seconds: float | None = None,
 ) -> dict[str, Any]:
-    """prepare → submit → wait (inline polling) → collect → load, resuming whatever the run has done."""
+    """prepare → submit → wait (inline polling) → collect → retry-failures (until nothing retryable is
+    left) → load, resuming whatever the run has done."""
     spec, date = resolve_job(job), resolve_run_date(run_date)
     settings = Settings.from_env()
     interval = (
@@ -292,12 +362,16 @@ def pipeline(
         get_run_logger().info("run %s is already loaded; nothing to do", manifest.run_id)
         return summary(manifest)
     api = build_batch_api(settings)
-    manifest = submit_stage(manifest, store, api)
     while True:
-        manifest = poll_stage(manifest, store, api)
+        if any(s.state in ("prepared", "submitting") for s in manifest.shards):
+            manifest = submit_stage(manifest, store, api)
+        manifest = poll_stage(manifest, store, api, settings.expiry_grace_seconds)
         manifest = collect_stage(manifest, store, api)
         if tr.run_status_from_shards(manifest) == "collected":
-            break
+            manifest, resent = retry_stage(manifest, store)
+            if not resent:
+                break
+            continue
         if time.monotonic() > deadline:
             raise TerminalError(
                 f"run {manifest.run_id} still has open batches after waiting; rerun to resume"

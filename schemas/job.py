@@ -116,6 +116,12 @@ class Limits(_Strict):
         default=DEFAULT_MAX_EMBEDDING_INPUTS, ge=1, le=50_000
     )
     max_cost_usd: float | None = Field(default=None, ge=0)
+    max_enqueued_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="The model's batch queue limit (enqueued input tokens) for your organisation; "
+        "submit keeps nightbatch's own open batches under it and shards never exceed it",
+    )
 
 
 class RetryPolicy(_Strict):

@@ -16,6 +16,7 @@ class Settings(BaseModel):
     poll_interval_seconds: float = 60.0
     max_wait_seconds: float = 26 * 3600.0
     max_workers: int = 4
+    expiry_grace_seconds: float = 3600.0
     storage_options: dict[str, str] = {}
 
     @classmethod
@@ -30,4 +31,5 @@ class Settings(BaseModel):
             poll_interval_seconds=float(env.get("NIGHTBATCH_POLL_INTERVAL_SECONDS", 60)),
             max_wait_seconds=float(env.get("NIGHTBATCH_MAX_WAIT_SECONDS", 26 * 3600)),
             max_workers=int(env.get("NIGHTBATCH_MAX_WORKERS", 4)),
+            expiry_grace_seconds=float(env.get("NIGHTBATCH_EXPIRY_GRACE_SECONDS", 3600)),
         )

@@ -57,6 +57,22 @@ def gather_outcomes(manifest: RunManifest, store: ObjectStore) -> Outcomes:
     return Outcomes(results_table, errors_table, prepared)
 
 
+def succeeded_ids_and_errors(
+    manifest: RunManifest, store: ObjectStore
+) -> tuple[set[str], pa.Table]:
+    """custom_ids with a result, and every error row of every attempt (no result columns read)."""
+    succeeded: set[str] = set()
+    for shard in manifest.shards:
+        if shard.results_uri:
+            succeeded.update(
+                store.read_table(shard.results_uri, columns=["custom_id"]).column(0).to_pylist()
+            )
+    errors = [
+        store.read_table(s.errors_uri).cast(ERRORS_SCHEMA) for s in manifest.shards if s.errors_uri
+    ]
+    return succeeded, (pa.concat_tables(errors) if errors else ERRORS_SCHEMA.empty_table())
+
+
 def last_errors(errors: pa.Table) -> dict[str, dict[str, Any]]:
     """The latest error row of each custom_id (by attempt)."""
     latest: dict[str, dict[str, Any]] = {}

@@ -156,6 +156,7 @@ class ShardPacker:
         if job.request.endpoint == "/v1/embeddings":
             self.max_lines = min(self.max_lines, limits.max_embedding_inputs_per_shard)
         self.max_bytes = limits.max_bytes_per_shard
+        self.max_tokens = limits.max_enqueued_tokens
         self.store = store
         self.layout = layout
         self.attempt = attempt
@@ -184,8 +185,18 @@ class ShardPacker:
                 f"the request for row {custom_id!r} is {len(line):,} bytes, more than a whole "
                 f"shard may hold ({self.max_bytes:,} bytes). Shorten that row's text or filter it out."
             )
+        if self.max_tokens is not None and tokens > self.max_tokens:
+            raise BadInputError(
+                f"the request for row {custom_id!r} has {tokens:,} input tokens, more than "
+                f"limits.max_enqueued_tokens ({self.max_tokens:,}): it could never be queued. "
+                "Shorten that row's text or filter it out."
+            )
         writer = self._writer or self._open()
-        if writer.lines >= self.max_lines or writer.bytes + len(line) > self.max_bytes:
+        if (
+            writer.lines >= self.max_lines
+            or writer.bytes + len(line) > self.max_bytes
+            or (self.max_tokens is not None and writer.input_tokens + tokens > self.max_tokens)
+        ):
             self._close()
             writer = self._open()
         writer.add(custom_id, line, tokens)

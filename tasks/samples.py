@@ -9,7 +9,10 @@ import pyarrow as pa
 _PRODUCTS = ["router", "laptop", "headset", "monitor", "keyboard", "printer", "phone", "camera"]
 _PROBLEMS = [
     ("billing", "I was charged twice for my {p} subscription this month and need a refund."),
-    ("shipping", "My {p} order has not arrived yet and the tracking page has not changed in a week."),
+    (
+        "shipping",
+        "My {p} order has not arrived yet and the tracking page has not changed in a week.",
+    ),
     ("technical", "The {p} keeps disconnecting every few minutes since the last firmware update."),
     ("account", "I cannot log in to manage my {p} warranty; the password reset email never comes."),
     ("technical", "After plugging in the {p} the screen flickers and then goes completely black."),
@@ -30,11 +33,21 @@ def support_tickets(rows: int, seed: int = 7) -> pa.Table:
         _, text = rng.choice(_PROBLEMS)
         ids.append(f"T-{i + 1:06d}")
         subjects.append(f"{product.title()} issue #{rng.randint(100, 999)}")
-        bodies.append(text.format(p=product) + " " + rng.choice(["Please help.", "Thanks!", "This is urgent."]))
+        bodies.append(
+            text.format(p=product)
+            + " "
+            + rng.choice(["Please help.", "Thanks!", "This is urgent."])
+        )
         tiers.append(rng.choice(["free", "pro", "enterprise"]))
         products.append(product)
     return pa.table(
-        {"ticket_id": ids, "subject": subjects, "body": bodies, "customer_tier": tiers, "product": products}
+        {
+            "ticket_id": ids,
+            "subject": subjects,
+            "body": bodies,
+            "customer_tier": tiers,
+            "product": products,
+        }
     )
 
 

@@ -107,3 +107,10 @@ def mark_loaded(manifest: RunManifest, now: str, **extra: Any) -> RunManifest:
     return manifest.model_copy(
         update={"status": "loaded", "loaded_at": now, "updated_at": now, **extra}
     )
+
+
+def is_overdue(status: str, expires_at: int | None, now_epoch: float, grace_seconds: float) -> bool:
+    """A batch still open past its expires_at plus a grace period is to be cancelled."""
+    if status in TERMINAL_BATCH_STATUSES or status == "cancelling" or expires_at is None:
+        return False
+    return now_epoch > expires_at + grace_seconds
