@@ -243,6 +243,12 @@ def collect(job: JobSpec | str, run_date: str | None = None) -> dict[str, Any]:
 # ---- retry-failures ------------------------------------------------------------------------------
 
 
+def retryable_rows(manifest: RunManifest, store: ObjectStore) -> int:
+    """How many rows retry-failures would resend now."""
+    succeeded, errors = succeeded_ids_and_errors(manifest, store)
+    return plan_retries(errors, succeeded, manifest.job.retry.max_attempts).rows
+
+
 def retry_stage(manifest: RunManifest, store: ObjectStore) -> tuple[RunManifest, int]:
     """Add shards of the next attempt for retryable rows; returns the manifest and the rows resent."""
     logger = get_run_logger()

@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pyarrow as pa
+
+from schemas.job import JobSpec
+from schemas.manifest import RunManifest, Shard
+from schemas.tables import ERRORS_SCHEMA
+from tasks.admission import QueueState, admit, queue_state
+from tasks.retry import plan_retries
+from tasks.transitions import is_overdue
+
+
+def errors(*rows: tuple[str, int, str, str, bool]) -> pa.Table:
+    return pa.Table.from_pylist(
+        [
+            {
+                "custom_id": c,
+                "attempt": a,
+                "batch_id": b,
+                "code": code,
+                "retryable": r,
+                "kind": "http",
+            }
+            for c, a, b, code, r in rows
+        ],
+        schema=ERRORS_SCHEMA,
+    )
+
+
+def test_retryable_rows_get_another_attempt_until_exhausted() -> None:
+    table = errors(
+        ("a", 1, "b1", "rate_limit_exceeded", True),  # 1 attempt used -> retry
+        ("b", 1, "b1", "context_length_exceeded", False),  # permanent
+        ("c", 1, "b1", "server_error", True),
+        ("c", 2, "b2", "batch_expired", True),  # 2 attempts used, max 2 -> exhausted
+        ("d", 1, "b1", "server_error", True),  # succeeded later: ignored
+    )
+    plan = plan_retries(table, succeeded={"d"}, max_attempts=2)
+    assert plan.by_source_shard == {"b1": {"a"}}
+    assert (plan.permanent, plan.exhausted, plan.rows) == (1, 1, 1)
+
+
+def test_token_limit_refusals_do_not_use_up_attempts() -> None:
+    table = errors(
+        ("a", 1, "b1", "token_limit_exceeded", True),
+        ("a", 2, "b2", "token_limit_exceeded", True),
+        ("a", 3, "b3", "token_limit_exceeded", True),
+    )
+    plan = plan_retries(table, succeeded=set(), max_attempts=1)
+    assert plan.by_source_shard == {"b3": {"a"}}
+
+
+def _shard(
+    i: int,
+    tokens: int,
+    state: str = "prepared",
+    status: str | None = None,
+    submitted: str | None = None,
+) -> Shard:
+    return Shard(
+        shard_id=f"a1-s{i:05d}", attempt=1, index=i, request_uri="x", lines=1, bytes=1,
+        input_tokens=tokens, sha256="0", state=state, batch_status=status, submitted_at=submitted,
+    )  # fmt: skip
+
+
+def test_admission_keeps_queued_tokens_under_the_limit_and_respects_the_hourly_cap() -> None:
+    pending = [_shard(i, 400) for i in range(5)]
+    assert [
+        s.index for s in admit(pending, QueueState(queued_tokens=300, created_last_hour=0), 1500)
+    ] == [0, 1, 2]
+    assert admit(pending, QueueState(0, 0), None) == pending
+    assert [s.index for s in admit(pending, QueueState(0, created_last_hour=1998), None)] == [0, 1]
+    assert admit(pending, QueueState(1400, 0), 1500) == []
+
+
+def test_queue_state_counts_only_open_batches_of_the_model() -> None:
+    now = datetime(2026, 11, 24, 12, tzinfo=UTC)
+    recent = (now - timedelta(minutes=5)).isoformat()
+    old = (now - timedelta(hours=3)).isoformat()
+    job = JobSpec.model_validate(
+        {"name": "j", "source": {"uri": "x", "id_column": "id"}, "request": {"model": "gpt-4o-mini", "template": "{t}"},
+         "output_uri": "o", "storage_root": "r"}
+    )  # fmt: skip
+    manifest = RunManifest(
+        run_id="j-1", job_name="j", run_date="2026-11-24", job=job, created_at=old, updated_at=old,
+        shards=[
+            _shard(0, 100, "submitted", "in_progress", recent),
+            _shard(1, 200, "submitted", "completed", old),
+            _shard(2, 400, "submitting"),
+            _shard(3, 800, "prepared"),
+        ],
+    )  # fmt: skip
+    assert queue_state([manifest], "gpt-4o-mini", now) == QueueState(
+        queued_tokens=500, created_last_hour=1
+    )
+    assert queue_state([manifest], "gpt-4o", now).queued_tokens == 0
+
+
+def test_overdue_batches() -> None:
+    assert is_overdue("in_progress", 1000, 1000 + 3601, 3600)
+    assert not is_overdue("in_progress", 1000, 1000 + 3599, 3600)
+    assert not is_overdue("completed", 1000, 99999, 0)
+    assert not is_overdue("finalizing", None, 99999, 0)
