@@ -89,7 +89,7 @@ def test_chat_with_schema_end_to_end_on_local_disk(tmp_path: Path, emulator: Any
     assert len(cost) == 1
     record = cost[0]
     stats = emulator.stats()
-    billed = stats["billed_usage"]
+    billed = stats["usage"]
     billed_input = sum(m["input_tokens"] for m in billed.values())
     assert record["input_tokens"] == billed_input == record["estimated_input_tokens"]
     assert record["requests_succeeded"] == 120 and record["requests_dead_lettered"] == 0
@@ -106,12 +106,12 @@ def test_rerun_of_a_finished_run_submits_nothing_and_changes_nothing(
     job = triage_job(str(tmp_path / "tickets.parquet"), str(tmp_path))
     first = pipeline(job, run_date=RUN_DATE, poll_interval_seconds=0.2)
     before = Path(first["output"]).read_bytes()
-    batches_before = emulator.stats()["batches"]
+    batches_before = emulator.stats()["batches"]["created"]
 
     second = pipeline(job, run_date=RUN_DATE, poll_interval_seconds=0.2)
 
     assert second["status"] == "loaded"
-    assert emulator.stats()["batches"] == batches_before
+    assert emulator.stats()["batches"]["created"] == batches_before == 2
     assert Path(second["output"]).read_bytes() == before
 
 
@@ -123,7 +123,7 @@ def test_each_stage_runs_alone_on_an_existing_run(tmp_path: Path, emulator: Any)
     assert prepare(job, RUN_DATE)["status"] == "prepared"
     assert submit(job, RUN_DATE)["status"] == "waiting"
     assert submit(job, RUN_DATE)["status"] == "waiting"  # idempotent
-    assert len(emulator.stats()["batches"]) == 1
+    assert emulator.stats()["batches"]["created"] == 1
     for _ in range(100):
         if wait(job, RUN_DATE)["shards"] == {"completed": 1}:
             break
