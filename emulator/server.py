@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -14,6 +15,19 @@ import uvicorn
 from emulator.app import create_app
 from emulator.config import EmulatorConfig, apply_changes
 from emulator.engine import Engine
+
+
+class _UvicornServer(uvicorn.Server):
+    """uvicorn, noticing `should_exit` within 10 ms instead of 100 ms (quicker stop() in tests)."""
+
+    async def main_loop(self) -> None:
+        counter = 0
+        while not await self.on_tick(counter):
+            for _ in range(10):
+                await asyncio.sleep(0.01)
+                if self.should_exit:
+                    return
+            counter = (counter + 1) % 864000
 
 
 class EmulatorServer:
@@ -67,7 +81,7 @@ class EmulatorServer:
             lifespan="off",
             timeout_graceful_shutdown=2,
         )
-        self._server = uvicorn.Server(config)
+        self._server = _UvicornServer(config)
         return self._server
 
     def start(self) -> EmulatorServer:
