@@ -73,8 +73,8 @@ class Kit:
         }
 
     @staticmethod
-    def responses_line(custom_id: str, text: str = "Hello there", **body: Any) -> dict[str, Any]:
-        body = {"model": "gpt-4.1-mini", "input": text, **body}
+    def responses_line(custom_id: str, prompt: str = "Hello there", **body: Any) -> dict[str, Any]:
+        body = {"model": "gpt-4.1-mini", "input": prompt, **body}
         return {"custom_id": custom_id, "method": "POST", "url": "/v1/responses", "body": body}
 
     @staticmethod
