@@ -19,6 +19,7 @@ from tasks import transitions as tr
 from tasks.admission import admit, queue_state
 from tasks.batch_api import BatchApi
 from tasks.costrecord import check_budget, cost_records, estimate_cost
+from tasks.crashpoints import crash_point
 from tasks.errors import TerminalError
 from tasks.load import (
     billed_usage_by_model,
@@ -35,6 +36,7 @@ from tasks.runs import (
     load_manifest,
     manifest_layout,
     new_manifest,
+    refresh_job,
     save_manifest,
     utc_now,
 )
@@ -82,7 +84,7 @@ def prepare_stage(job: JobSpec, run_date: str, store: ObjectStore) -> RunManifes
     existing = find_manifest(store, layout)
     if existing is not None:
         logger.info("run %s already prepared (%s); resuming", existing.run_id, existing.status)
-        return existing
+        return refresh_job(existing, job)
     result = write_shards_task(job, store, layout)
     manifest = new_manifest(job, run_date, utc_now())
     estimate = estimate_cost(job, result.rows, sum(s.input_tokens for s in result.shards))
@@ -90,6 +92,7 @@ def prepare_stage(job: JobSpec, run_date: str, store: ObjectStore) -> RunManifes
         update={"shards": result.shards, "rows_selected": result.rows, "estimate": estimate}
     )
     save_manifest(store, manifest)
+    crash_point("after-prepare")
     logger.info(
         "prepared %s: %d rows in %d shards, %d input tokens, estimated $%.4f at batch prices "
         "($%.4f at standard prices)",
@@ -129,6 +132,7 @@ def submit_stage(manifest: RunManifest, store: ObjectStore, api: BatchApi) -> Ru
     if starting:  # the intent is on record before anything is uploaded
         manifest = tr.with_status(tr.replace_shards(manifest, starting, now), now)
         save_manifest(store, manifest)
+        crash_point("after-intent")
     pending = [s for s in manifest.shards if s.state == "submitting"]
     futures = [
         submit_shard_task.submit(api, store, manifest.run_id, job.request.endpoint, shard)
@@ -141,6 +145,7 @@ def submit_stage(manifest: RunManifest, store: ObjectStore, api: BatchApi) -> Ru
         logger.info("shard %s -> batch %s (%s)", shard.shard_id, batch.id, batch.status)
     manifest = tr.with_status(manifest, utc_now())
     save_manifest(store, manifest)
+    crash_point("after-submit")
     return manifest
 
 
@@ -150,7 +155,7 @@ def submit(job: JobSpec | str, run_date: str | None = None) -> dict[str, Any]:
     spec, date = resolve_job(job), resolve_run_date(run_date)
     settings = Settings.from_env()
     store = build_store(settings)
-    manifest = load_manifest(store, layout_for(spec, date))
+    manifest = refresh_job(load_manifest(store, layout_for(spec, date)), spec)
     return summary(submit_stage(manifest, store, build_batch_api(settings)))
 
 
@@ -186,6 +191,7 @@ def poll_stage(
     if changed:
         manifest = tr.with_status(tr.replace_shards(manifest, changed, utc_now()), utc_now())
         save_manifest(store, manifest)
+        crash_point("after-poll")
     return manifest
 
 
@@ -203,7 +209,7 @@ def wait(job: JobSpec | str, run_date: str | None = None) -> dict[str, Any]:
     spec, date = resolve_job(job), resolve_run_date(run_date)
     settings = Settings.from_env()
     store = build_store(settings)
-    manifest = load_manifest(store, layout_for(spec, date))
+    manifest = refresh_job(load_manifest(store, layout_for(spec, date)), spec)
     return summary(
         poll_stage(manifest, store, build_batch_api(settings), settings.expiry_grace_seconds)
     )
@@ -222,6 +228,7 @@ def collect_stage(manifest: RunManifest, store: ObjectStore, api: BatchApi) -> R
         collected = tr.record_collected(shard, results_uri, errors_uri, counts)
         manifest = tr.with_status(tr.replace_shard(manifest, collected, utc_now()), utc_now())
         save_manifest(store, manifest)
+        crash_point("after-collect")
         logger.info(
             "collected shard %s (batch %s, %s): %d succeeded, %d failed (%d retryable, %d missing)",
             shard.shard_id, shard.batch_id, shard.batch_status, counts.succeeded, counts.failed,
@@ -236,7 +243,7 @@ def collect(job: JobSpec | str, run_date: str | None = None) -> dict[str, Any]:
     spec, date = resolve_job(job), resolve_run_date(run_date)
     settings = Settings.from_env()
     store = build_store(settings)
-    manifest = load_manifest(store, layout_for(spec, date))
+    manifest = refresh_job(load_manifest(store, layout_for(spec, date)), spec)
     return summary(collect_stage(manifest, store, build_batch_api(settings)))
 
 
@@ -268,6 +275,7 @@ def retry_stage(manifest: RunManifest, store: ObjectStore) -> tuple[RunManifest,
         manifest.model_copy(update={"shards": [*manifest.shards, *shards]}), now
     )
     save_manifest(store, manifest)
+    crash_point("after-retry")
     logger.info(
         "run %s: %d rows resent as attempt %d in %d shards (%d permanent failures, %d out of attempts)",
         manifest.run_id, plan.rows, shards[0].attempt, len(shards), plan.permanent, plan.exhausted,
@@ -281,7 +289,9 @@ def retry_failures(job: JobSpec | str, run_date: str | None = None) -> dict[str,
     spec, date = resolve_job(job), resolve_run_date(run_date)
     settings = Settings.from_env()
     store = build_store(settings)
-    manifest, resent = retry_stage(load_manifest(store, layout_for(spec, date)), store)
+    manifest, resent = retry_stage(
+        refresh_job(load_manifest(store, layout_for(spec, date)), spec), store
+    )
     if resent:
         manifest = submit_stage(manifest, store, build_batch_api(settings))
     return summary(manifest) | {"resent": resent}
@@ -298,6 +308,7 @@ def load_stage(manifest: RunManifest, store: ObjectStore) -> RunManifest:
             f"{summary(manifest)['shards']}. Run wait and collect until every shard is collected."
         )
     loaded = write_output(manifest, store)
+    crash_point("before-load-commit")
     outcomes = gather_outcomes(manifest, store)
     now = utc_now()
     records = cost_records(
@@ -339,7 +350,9 @@ def load(job: JobSpec | str, run_date: str | None = None) -> dict[str, Any]:
     """Write the enriched rows and the dead letter atomically, then the cost record (last)."""
     spec, date = resolve_job(job), resolve_run_date(run_date)
     store = build_store(Settings.from_env())
-    return summary(load_stage(load_manifest(store, layout_for(spec, date)), store))
+    return summary(
+        load_stage(refresh_job(load_manifest(store, layout_for(spec, date)), spec), store)
+    )
 
 
 # ---- pipeline ------------------------------------------------------------------------------------

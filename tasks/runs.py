@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 from schemas.job import JobSpec
 from schemas.manifest import RunManifest
-from tasks.errors import RunNotFoundError
+from tasks.errors import BadInputError, RunNotFoundError
 from tasks.layout import RunLayout, join_uri, run_id_for
 from tasks.storage import ObjectStore
 
@@ -61,3 +61,18 @@ def new_manifest(job: JobSpec, run_date: str, now: str) -> RunManifest:
         created_at=now,
         updated_at=now,
     )
+
+
+def refresh_job(manifest: RunManifest, job: JobSpec) -> RunManifest:
+    """Apply the current job spec to an existing run. Limits, retry policy, tags and prices may change
+    between stages (e.g. raising a budget after the gate stopped a run); what was rendered may not."""
+    if manifest.job == job:
+        return manifest
+    for part in ("source", "request", "output_uri"):
+        if getattr(manifest.job, part) != getattr(job, part):
+            raise BadInputError(
+                f"the job's {part} changed since run {manifest.run_id} was prepared. A prepared run "
+                "keeps what it rendered: rerun with a new --run-date, or delete "
+                f"{manifest_layout(manifest).run_dir} to prepare this date again."
+            )
+    return manifest.model_copy(update={"job": job})

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from schemas.manifest import Shard
 from tasks.batch_api import BatchApi, BatchInfo
+from tasks.crashpoints import crash_point
 from tasks.errors import BatchApiUnavailable
 from tasks.storage import ObjectStore
 
@@ -69,11 +70,14 @@ def submit_shard(
     delete_orphan_uploads(api, run_id, shard)
     with store.open_read(shard.request_uri) as handle:
         file_id = api.upload(handle, upload_filename(run_id, shard))
+    crash_point("after-upload")
     metadata = shard_metadata(run_id, shard)
     last_error: Exception | None = None
     for attempt in range(CREATE_ATTEMPTS):
         try:
-            return api.create_batch(file_id, endpoint, metadata)
+            batch = api.create_batch(file_id, endpoint, metadata)
+            crash_point("after-create")
+            return batch
         except BatchApiUnavailable as exc:
             last_error = exc
             # The create may have happened even though we got no answer: look before trying again.
