@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import threading
 import time
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any, TextIO
 
 import uvicorn
@@ -18,7 +19,13 @@ from emulator.engine import Engine
 
 
 class _UvicornServer(uvicorn.Server):
-    """uvicorn, noticing `should_exit` within 10 ms instead of 100 ms (quicker stop() in tests)."""
+    """uvicorn, noticing `should_exit` within 10 ms instead of 100 ms (quicker stop() in tests), and
+    exiting normally on SIGINT/SIGTERM (uvicorn re-raises the signal after a graceful shutdown)."""
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        self.should_exit = True
 
     async def main_loop(self) -> None:
         counter = 0

@@ -263,7 +263,9 @@ def test_faults_change_at_run_time_through_the_admin_endpoint(kit) -> None:
         body={"faults": {"forced_line_failures": {"a": "server_error"}}},
         cast_to=object,
     )
-    assert config["faults"]["forced_line_failures"] == {"a": {"kind": "server_error", "times": None}}
+    assert config["faults"]["forced_line_failures"] == {
+        "a": {"kind": "server_error", "times": None}
+    }
     assert _failures(kit, client, lines) == {"a": "server_error"}
 
     # nested settings merge: adding a route fault keeps the forced failure
