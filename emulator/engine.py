@@ -6,13 +6,15 @@
     validating | in_progress | finalizing -> cancelling -> cancelled
 
 All times are emulated. Every transition happens at its scheduled instant (line k of a batch finishes at
-in_progress_at + (k + 1) / lines_per_second), whenever the worker gets to it, so results and timestamps
-do not depend on how often the worker runs or on restarts in between. One lock guards all state; the
+in_progress_at + (k + 1) / lines_per_second, re-anchored when the rate is changed at run time),
+whenever the worker gets to it, so results and timestamps do not depend on how often the worker runs or
+on restarts in between. One lock guards all state; the
 worker works in chunks so API calls stay responsive.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections import Counter
@@ -30,6 +32,8 @@ from emulator.models import BatchRecord, FileRecord, Usage
 from emulator.store import StateStore
 from emulator.validation import InputLine, Validation, batch_error, parse_lines, validate_input
 from tasks.tokens import count_request_tokens
+
+log = logging.getLogger("emulator")
 
 DEFAULT_FILE_TTL = 30 * 86400
 CHUNK_LINES = 256
@@ -85,7 +89,10 @@ class Engine:
 
     def _work(self) -> None:
         while not self._stop.is_set():
-            self.tick()
+            try:
+                self.tick()
+            except Exception:  # keep the worker alive; the failing batch is retried next tick
+                log.exception("emulator worker tick failed")
             self._wake.wait(self.config.tick_seconds)
             self._wake.clear()
 
@@ -300,6 +307,7 @@ class Engine:
         batch.total = len(validation.lines)
         batch.input_tokens = validation.input_tokens
         batch.lines_per_second = self.config.lines_per_second
+        batch.pace_t, batch.pace_done = when, 0
         expire = self.config.faults.expire_after_fraction
         if expire is not None and (
             expire.times is None or self.counters.expire_used < expire.times
@@ -339,9 +347,7 @@ class Engine:
         return False
 
     def _advance_lines(self, batch: BatchRecord, now: float, budget: int) -> bool:
-        assert batch.in_progress_t is not None and batch.lines_per_second
-        rate, start = batch.lines_per_second, batch.in_progress_t
-        target = min(batch.total, math.floor((min(now, batch.expires_t) - start) * rate + 1e-9))
+        target = min(batch.total, batch.lines_due(min(now, batch.expires_t)))
         if batch.expire_after_lines is not None:
             target = min(target, batch.expire_after_lines)
         todo = min(max(target - batch.done, 0), budget)
@@ -366,7 +372,7 @@ class Engine:
             return True
         if batch.done >= batch.total:
             batch.status = "finalizing"
-            batch.finalizing_t = start + batch.total / rate
+            batch.finalizing_t = batch.time_when_done(batch.total)
             batch.finalize_due_t = batch.finalizing_t + self.config.finalizing_seconds
             stuck = self.config.faults.stuck_in_finalizing
             if stuck is not None and (
@@ -376,7 +382,7 @@ class Engine:
                 batch.stuck = True
             self._advance(batch, now, budget)
         elif batch.expire_after_lines is not None and batch.done >= batch.expire_after_lines:
-            self._expire(batch, start + batch.done / rate)
+            self._expire(batch, batch.time_when_done(batch.done))
         elif now >= batch.expires_t:
             self._expire(batch, batch.expires_t)
         if todo or batch.status != "in_progress":
@@ -449,10 +455,24 @@ class Engine:
             new = apply_changes(self.config, changes)
             if new.clock_scale != self.clock.scale:
                 self.clock.set_scale(new.clock_scale)
+            if new.lines_per_second != self.config.lines_per_second:
+                self._repace(new.lines_per_second)
             self.counters.reset(paths)
             self.config = new
         self._wake.set()
         return new
+
+    def _repace(self, rate: float) -> None:
+        """Running batches go on at a new rate from now on (lines due so far are done first)."""
+        now = self.clock.now()
+        for batch in self._ordered():
+            if batch.status != "in_progress":
+                continue
+            while self._advance(batch, now, CHUNK_LINES):
+                pass
+            if batch.status == "in_progress":
+                batch.pace_t, batch.pace_done, batch.lines_per_second = now, batch.done, rate
+                self.store.save_batch(batch)
 
     def advance_clock(self, seconds: float) -> float:
         self.clock.advance(seconds)

@@ -37,7 +37,6 @@ def process_line(
     counters: FaultCounters,
 ) -> dict[str, Any]:
     """Run line `k` of a batch (fault injection first, then the responder) into a result record."""
-    assert batch.in_progress_t is not None and batch.lines_per_second
     id_parts = (batch.seed, batch.seq, line.custom_id)
     kind, forced = choose_line_fault(config.faults, counters, batch.seed, batch.seq, line.custom_id)
     outcome: Reply | dict[str, str]
@@ -47,7 +46,7 @@ def process_line(
             kind, batch.endpoint, model, prompt_tokens, config.context_window_tokens
         )
     else:
-        created = int(batch.in_progress_t + (k + 1) / batch.lines_per_second)
+        created = int(batch.time_when_done(k + 1))
         outcome = respond(
             batch.endpoint, line.body, prompt_tokens, LineContext(id_parts, created, config)
         )

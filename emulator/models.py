@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field
@@ -105,10 +106,24 @@ class BatchRecord(BaseModel):
     input_tokens: int = 0
     output_file_id: str | None = None
     error_file_id: str | None = None
-    # decisions taken once and kept, so a restart replays them
+    # pace: `pace_done` lines were done at `pace_t`, then one every 1/lines_per_second (re-anchored
+    # when lines_per_second is changed at run time)
     lines_per_second: float | None = None
+    pace_t: float | None = None
+    pace_done: int = 0
+    # decisions taken once and kept, so a restart replays them
     expire_after_lines: int | None = None
     stuck: bool = False
+
+    def time_when_done(self, lines: int) -> float:
+        """Emulated time at which `lines` lines of the batch are finished, at the current pace."""
+        assert self.pace_t is not None and self.lines_per_second
+        return self.pace_t + (lines - self.pace_done) / self.lines_per_second
+
+    def lines_due(self, when: float) -> int:
+        """How many lines are finished by emulated time `when`, at the current pace."""
+        assert self.pace_t is not None and self.lines_per_second
+        return self.pace_done + math.floor((when - self.pace_t) * self.lines_per_second + 1e-9)
 
     @property
     def terminal(self) -> bool:

@@ -191,3 +191,16 @@ def test_request_counts_are_live_in_list(kit, client: OpenAI) -> None:
         count_request_tokens("/v1/chat/completions", kit.chat_line(f"x{i}")["body"])
         for i in range(5)
     )
+
+
+def test_changing_the_line_rate_speeds_up_a_running_batch(kit) -> None:
+    # one line per 10 emulated minutes (1 s real at 600x): 100 lines would take 100 s
+    server = kit.server(lines_per_second=1 / 600)
+    client = kit.client(server)
+    batch = kit.submit(client, [kit.chat_line(f"r{i}") for i in range(100)])
+    kit.wait(client, batch.id, statuses=("in_progress",))
+    server.configure(lines_per_second=1000.0)
+    done = kit.wait(client, batch.id, timeout=5)
+    assert done.status == "completed"
+    assert done.request_counts is not None and done.request_counts.completed == 100
+    assert done.in_progress_at <= done.finalizing_at <= done.completed_at
