@@ -125,28 +125,34 @@ class FaultConfig(_Strict):
 
 
 class EmulatorConfig(_Strict):
-    seed: int = 0
+    """Every setting of the emulator; emulator/README.md describes each one."""
+
+    seed: int = 0  # seed of the line-fault draws (ids and content do not depend on it)
+    # time: emulated seconds per real second, and emulated durations
     clock_scale: float = Field(default=60.0, gt=0)
     validating_seconds: float = Field(default=6.0, ge=0)
     lines_per_second: float = Field(default=20.0, gt=0)
     finalizing_seconds: float = Field(default=6.0, ge=0)
     cancelling_seconds: float = Field(default=6.0, ge=0)
+    # usage
     cached_token_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
     cached_token_min_prompt: int = Field(default=1024, ge=0)
     reasoning_tokens_min: int = Field(default=64, ge=0)
     reasoning_tokens_max: int = Field(default=256, ge=0)
     reasoning_model_prefixes: list[str] = Field(default_factory=lambda: ["o1", "o3", "o4", "gpt-5"])
+    # models and limits
     models: list[str] = Field(default_factory=lambda: list(DEFAULT_MODELS))
     context_window_tokens: int = Field(default=128_000, gt=0)
     token_limits: dict[str, int] = Field(default_factory=dict)
     default_token_limit: int | None = Field(default=None, ge=0)
-    shuffle_output: bool = True
-    api_key: str | None = None
     max_batch_file_bytes: int = Field(default=200 * 1024 * 1024, gt=0)
     max_file_bytes: int = Field(default=512 * 1024 * 1024, gt=0)
     max_requests_per_batch: int = Field(default=50_000, gt=0)
     max_embedding_inputs_per_batch: int = Field(default=50_000, gt=0)
-    tick_seconds: float = Field(default=0.02, gt=0)
+    # behaviour
+    shuffle_output: bool = True
+    api_key: str | None = None  # None: any non-empty bearer token is accepted
+    tick_seconds: float = Field(default=0.02, gt=0)  # real seconds between worker passes
     faults: FaultConfig = Field(default_factory=FaultConfig)
 
     @model_validator(mode="after")
