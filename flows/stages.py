@@ -7,10 +7,13 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, pause_flow_run
+from prefect.artifacts import create_markdown_artifact
+from prefect.input import RunInput
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows import observe
 from flows.context import build_batch_api, build_store, resolve_job, resolve_run_date
 from schemas.job import JobSpec
 from schemas.manifest import TERMINAL_BATCH_STATUSES, RunManifest
@@ -20,7 +23,7 @@ from tasks.admission import admit, queue_state
 from tasks.batch_api import BatchApi
 from tasks.costrecord import check_budget, cost_records, estimate_cost
 from tasks.crashpoints import crash_point
-from tasks.errors import TerminalError
+from tasks.errors import BudgetExceededError, TerminalError
 from tasks.load import (
     billed_usage_by_model,
     cost_table,
@@ -55,7 +58,7 @@ def _run_name(stage: str) -> Any:
         )
         if job_name is None and isinstance(job, str):
             job_name = job.rsplit("/", 1)[-1].removesuffix(".yaml")
-        return f"{stage}-{job_name}-{params.get('run_date') or 'today'}"
+        return f"{stage}-{job_name}-{resolve_run_date(params.get('run_date'))}"
 
     return name
 
@@ -115,7 +118,13 @@ def prepare(job: JobSpec | str, run_date: str | None = None) -> dict[str, Any]:
 def submit_stage(manifest: RunManifest, store: ObjectStore, api: BatchApi) -> RunManifest:
     logger = get_run_logger()
     job = manifest.job
-    check_budget(manifest)
+    try:
+        check_budget(manifest)
+    except BudgetExceededError as exc:
+        observe.over_budget(manifest)
+        if job.limits.over_budget != "wait_for_approval":
+            raise
+        manifest = wait_for_budget_approval(manifest, store, str(exc))
     now = utc_now()
     prepared = [s for s in manifest.shards if s.state == "prepared"]
     queue = queue_state(
@@ -146,6 +155,35 @@ def submit_stage(manifest: RunManifest, store: ObjectStore, api: BatchApi) -> Ru
     manifest = tr.with_status(manifest, utc_now())
     save_manifest(store, manifest)
     crash_point("after-submit")
+    return manifest
+
+
+class BudgetApproval(RunInput):
+    """The operator's answer to an over-budget run (Prefect UI: resume the paused flow run)."""
+
+    approve: bool = False
+    approved_by: str = "operator"
+
+
+def wait_for_budget_approval(manifest: RunManifest, store: ObjectStore, reason: str) -> RunManifest:
+    """Pause this flow run until an operator approves the estimate, or fail when they reject it."""
+    logger = get_run_logger()
+    logger.warning("%s Waiting for an operator's approval in the Prefect UI.", reason)
+    create_markdown_artifact(
+        markdown=f"# Budget approval needed: {manifest.run_id}\n\n{reason}\n\n"
+        "Resume this flow run with `approve: true` to submit anyway, or `approve: false` to stop.",
+        key=observe.artifact_key("budget", manifest.job_name),
+    )
+    answer = pause_flow_run(
+        wait_for_input=BudgetApproval, timeout=manifest.job.limits.approval_timeout_seconds
+    )
+    if not answer.approve:
+        raise BudgetExceededError(f"{reason} An operator ({answer.approved_by}) rejected it.")
+    logger.info("budget approved by %s", answer.approved_by)
+    manifest = manifest.model_copy(
+        update={"budget_approved_by": answer.approved_by, "budget_approved_at": utc_now()}
+    )
+    save_manifest(store, manifest)
     return manifest
 
 
@@ -187,7 +225,10 @@ def poll_stage(
                 shard.batch_status,
                 batch.status,
             )
-        changed.append(tr.record_poll(shard, batch, utc_now()))
+        polled = tr.record_poll(shard, batch, utc_now())
+        if polled.batch_status != shard.batch_status:
+            observe.batch_changed(manifest, polled, shard.batch_status)
+        changed.append(polled)
     if changed:
         manifest = tr.with_status(tr.replace_shards(manifest, changed, utc_now()), utc_now())
         save_manifest(store, manifest)
@@ -234,6 +275,8 @@ def collect_stage(manifest: RunManifest, store: ObjectStore, api: BatchApi) -> R
             shard.shard_id, shard.batch_id, shard.batch_status, counts.succeeded, counts.failed,
             counts.retryable, counts.missing,
         )  # fmt: skip
+    if ready:
+        observe.publish_run(manifest, store)
     return manifest
 
 
@@ -336,6 +379,8 @@ def load_stage(manifest: RunManifest, store: ObjectStore) -> RunManifest:
         notes=notes,
     )
     save_manifest(store, manifest)
+    observe.publish_run(manifest, store)
+    observe.publish_loaded(manifest, records)
     logger.info(
         "loaded %s: %d rows enriched, %d dead-lettered -> %s; cost $%.4f (standard $%.4f, saved $%.4f)",
         manifest.run_id, loaded.rows_written, loaded.rows_dead_lettered, loaded.output_uri,
@@ -381,10 +426,13 @@ def pipeline(
         get_run_logger().info("run %s is already loaded; nothing to do", manifest.run_id)
         return summary(manifest)
     api = build_batch_api(settings)
+    progress: observe.Progress | None = None
     while True:
         if any(s.state in ("prepared", "submitting") for s in manifest.shards):
             manifest = submit_stage(manifest, store, api)
         manifest = poll_stage(manifest, store, api, settings.expiry_grace_seconds)
+        progress = progress or observe.Progress(manifest)
+        progress.update(manifest)
         manifest = collect_stage(manifest, store, api)
         if tr.run_status_from_shards(manifest) == "collected":
             manifest, resent = retry_stage(manifest, store)

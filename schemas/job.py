@@ -116,6 +116,12 @@ class Limits(_Strict):
         default=DEFAULT_MAX_EMBEDDING_INPUTS, ge=1, le=50_000
     )
     max_cost_usd: float | None = Field(default=None, ge=0)
+    over_budget: Literal["fail", "wait_for_approval"] = Field(
+        default="fail",
+        description="When the estimate is above max_cost_usd: fail before submitting, or pause the "
+        "submit flow run in Prefect until an operator approves (or rejects) it",
+    )
+    approval_timeout_seconds: int = Field(default=6 * 3600, ge=60)
     max_enqueued_tokens: int | None = Field(
         default=None,
         ge=1,

@@ -93,6 +93,8 @@ class RunManifest(BaseModel):
     cost_record_uri: str | None = None
     dead_letter_uri: str | None = None
     dead_lettered: int = 0
+    budget_approved_by: str | None = None
+    budget_approved_at: str | None = None
     notes: list[str] = Field(default_factory=list)
 
     def shard(self, shard_id: str) -> Shard:

@@ -113,6 +113,8 @@ def check_budget(manifest: RunManifest) -> None:
     estimate = manifest.estimate
     if budget is None or estimate is None or estimate.batch_usd <= budget:
         return
+    if manifest.budget_approved_at is not None:
+        return  # an operator approved this run's estimate
     raise BudgetExceededError(
         f"run {manifest.run_id} is estimated at ${estimate.batch_usd:.2f} at batch prices, above "
         f"limits.max_cost_usd = ${budget:.2f}; nothing was submitted. Raise the budget, or select "
