@@ -8,8 +8,8 @@
 All times are emulated. Every transition happens at its scheduled instant (line k of a batch finishes at
 in_progress_at + (k + 1) / lines_per_second, re-anchored when the rate is changed at run time),
 whenever the worker gets to it, so results and timestamps do not depend on how often the worker runs or
-on restarts in between. One lock guards all state; the
-worker works in chunks so API calls stay responsive.
+on restarts in between. One lock guards all state; the worker works in chunks of lines so that API calls
+stay responsive, and validates input files outside the lock.
 """
 
 from __future__ import annotations
@@ -115,8 +115,10 @@ class Engine:
     def create_file(
         self, filename: str, purpose: str, data: bytes, ttl: int | None = None
     ) -> FileRecord:
+        file_id = new_file_id()
+        self.store.write_blob(file_id, data)  # outside the lock: uploads can be large
         with self.lock:
-            return self._new_file(new_file_id(), filename, purpose, data, ttl)
+            return self._new_file(file_id, filename, purpose, data, ttl, blob_written=True)
 
     def _new_file(
         self,
@@ -126,6 +128,7 @@ class Engine:
         data: bytes,
         ttl: int | None,
         created_t: float | None = None,
+        blob_written: bool = False,
     ) -> FileRecord:
         created = int(self.clock.now() if created_t is None else created_t)
         if ttl is None and purpose in ("batch", "batch_output"):
@@ -140,7 +143,8 @@ class Engine:
             purpose=purpose,
             expires_at=None if ttl is None else created + ttl,
         )
-        self.store.write_blob(file_id, data)
+        if not blob_written:
+            self.store.write_blob(file_id, data)
         self.store.save_file(record)
         self.files[file_id] = record
         return record
@@ -227,8 +231,8 @@ class Engine:
 
     def list_batches(self, after: str | None, limit: int) -> tuple[list[BatchRecord], bool]:
         with self.lock:
-            items = [b.model_copy(deep=True) for b in reversed(self._ordered())]
-        return _page(items, after, limit)
+            page, has_more = _page(list(reversed(self._ordered())), after, limit)
+            return [b.model_copy(deep=True) for b in page], has_more
 
     def cancel_batch(self, batch_id: str) -> BatchRecord:
         with self.lock:
@@ -270,11 +274,13 @@ class Engine:
             with self.lock:
                 batch = self.batches[batch_id]
                 if batch.status == "validating":
-                    self._finish_validation(batch, validation)
+                    self._finish_validation(batch, validation, data)
 
-    def _finish_validation(self, batch: BatchRecord, validation: Validation | None) -> None:
+    def _finish_validation(
+        self, batch: BatchRecord, validation: Validation | None, data: bytes | None
+    ) -> None:
         when = batch.validation_due_t
-        if validation is None:
+        if validation is None or data is None:
             errors = [
                 batch_error(
                     "invalid_request",
@@ -301,7 +307,7 @@ class Engine:
                 "in_progress batches have been completed."
             )
             return self._fail(batch, when, [batch_error("token_limit_exceeded", message)])
-        self.store.keep_input(batch.id, batch.input_file_id)
+        self.store.keep_input(batch.id, batch.input_file_id, data)
         batch.status = "in_progress"
         batch.in_progress_t = when
         batch.total = len(validation.lines)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -78,16 +77,18 @@ class StateStore:
     def input_path(self, batch_id: str) -> Path:
         return self.batches_dir / batch_id / "input.jsonl"
 
-    def keep_input(self, batch_id: str, file_id: str) -> Path:
-        """Pin the input file's content for this batch (hard link, or a copy across devices)."""
+    def keep_input(self, batch_id: str, file_id: str, data: bytes) -> None:
+        """Pin the validated input for this batch: a hard link to the blob, else a copy of `data`."""
         target = self.input_path(batch_id)
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(self.blob_path(file_id), target)
-            except OSError:
-                shutil.copyfile(self.blob_path(file_id), target)
-        return target
+        if target.exists():
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(self.blob_path(file_id), target)
+        except OSError:  # another device, or the file was deleted meanwhile
+            tmp = target.with_name(".input.jsonl.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
 
     def results_path(self, batch_id: str) -> Path:
         return self.batches_dir / batch_id / "results.jsonl"
