@@ -23,9 +23,8 @@ def _embedded_prefect_defaults() -> None:
 @contextlib.contextmanager
 def emulator_env(state_dir: Path, clock_scale: float | None = None) -> Iterator[str]:
     """Start the bundled Batch API emulator in-process and point the OpenAI settings at it."""
-    from emulator.server import EmulatorServer
-
     from emulator.config import EmulatorConfig
+    from emulator.server import EmulatorServer
 
     config = EmulatorConfig() if clock_scale is None else EmulatorConfig(clock_scale=clock_scale)
     saved = {k: os.environ.get(k) for k in ("OPENAI_BASE_URL", "OPENAI_API_KEY")}
@@ -67,49 +66,123 @@ def _print_summary(result: dict[str, Any], cost_uri: str | None) -> None:
     print(f"  cost record   : {cost_uri}")
 
 
+@contextlib.contextmanager
+def _maybe_emulator(args: argparse.Namespace) -> Iterator[None]:
+    if not getattr(args, "emulator", False):
+        yield
+        return
+    state = Path(args.emulator_state or Path(tempfile.gettempdir()) / "nightbatch-emulator")
+    with emulator_env(state) as url:
+        print(f"using the bundled Batch API emulator at {url} (state in {state})")
+        yield
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     _embedded_prefect_defaults()
     from flows.stages import pipeline
     from schemas.job import JobSpec
 
     job = JobSpec.from_yaml(args.job)
-    with contextlib.ExitStack() as stack:
-        if args.emulator:
-            state = Path(args.emulator_state or Path(tempfile.gettempdir()) / "nightbatch-emulator")
-            url = stack.enter_context(emulator_env(state))
-            print(f"using the bundled Batch API emulator at {url}")
+    with _maybe_emulator(args):
         result = pipeline(job, run_date=args.run_date, poll_interval_seconds=args.poll_interval)
     _print_summary(result, result.get("cost_record"))
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    from flows.context import build_store
+def _root_of(target: str) -> str:
     from schemas.job import JobSpec
+
+    return JobSpec.from_yaml(target).storage_root if target.endswith((".yaml", ".yml")) else target
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from flows.context import build_store
     from schemas.settings import Settings
     from tasks.runs import list_manifests
 
-    root = (
-        JobSpec.from_yaml(args.target).storage_root
-        if args.target.endswith((".yaml", ".yml"))
-        else args.target
-    )
-    manifests = list_manifests(build_store(Settings.from_env()), root)
+    root = _root_of(args.target)
+    store = build_store(Settings.from_env())
+    manifests = [
+        m for m in list_manifests(store, root) if not args.run_date or m.run_date == args.run_date
+    ]
     if not manifests:
         print(f"no runs under {root}")
         return 0
     for m in sorted(manifests, key=lambda m: (m.job_name, m.run_date)):
-        if args.run_date and m.run_date != args.run_date:
-            continue
+        attempts = max((s.attempt for s in m.shards), default=0)
         print(
-            f"{m.run_id}: {m.status}, {m.rows_selected} rows, {len(m.shards)} shards, updated {m.updated_at}"
+            f"{m.run_id}: {m.status} — {m.rows_selected} rows, {len(m.shards)} shards, {attempts} attempt(s), updated {m.updated_at}"
         )
+        if m.estimate:
+            print(
+                f"  estimate ${m.estimate.batch_usd:.4f} at batch prices, {m.estimate.input_tokens} input tokens"
+            )
+        reasons: Counter[str] = Counter()
         for s in m.shards:
             c = s.counts
+            status = s.batch_status if s.state in ("submitted", "terminal") else s.state
             print(
-                f"  {s.shard_id}  {s.state:<10} batch={s.batch_id or '-'} status={s.batch_status or '-'} "
-                f"lines={s.lines} ok={c.succeeded} failed={c.failed} missing={c.missing}"
+                f"  {s.shard_id}  attempt {s.attempt}  {status:<11} lines={s.lines:<6} ok={c.succeeded:<6} "
+                f"failed={c.failed:<5} retryable={c.retryable:<5} missing={c.missing:<4} batch={s.batch_id or '-'}"
             )
+            if s.errors_uri and c.failed:
+                codes = store.read_table(s.errors_uri, columns=["code"]).column(0).to_pylist()
+                reasons.update(str(code) for code in codes)
+        if reasons:
+            print(
+                "  errors by reason: "
+                + ", ".join(f"{code}={n}" for code, n in reasons.most_common())
+            )
+        if m.status == "loaded":
+            print(
+                f"  output: {m.output_file_uri}  dead-lettered: {m.dead_lettered}  cost record: {m.cost_record_uri}"
+            )
+        for note in m.notes:
+            print(f"  note: {note}")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    _embedded_prefect_defaults()
+    from flows.stages import retry_run
+    from schemas.job import JobSpec
+
+    job = JobSpec.from_yaml(args.job)
+    with _maybe_emulator(args):
+        result = retry_run(job, run_date=args.run_date, extra_attempts=args.extra_attempts,
+                           poll_interval_seconds=args.poll_interval)  # fmt: skip
+    _print_summary(result, result.get("cost_record"))
+    return 0
+
+
+def cmd_abandon(args: argparse.Namespace) -> int:
+    _embedded_prefect_defaults()
+    from flows.stages import abandon
+    from schemas.job import JobSpec
+
+    with _maybe_emulator(args):
+        result = abandon(JobSpec.from_yaml(args.job), run_date=args.run_date)
+    print(
+        f"run {result['run_id']} abandoned; cancelled batches: {', '.join(result['cancelled']) or 'none'}"
+    )
+    return 0
+
+
+def cmd_costs(args: argparse.Namespace) -> int:
+    from flows.context import build_store
+    from schemas.settings import Settings
+    from tasks.costreport import cost_totals, read_cost_records
+
+    root = _root_of(args.target)
+    records = read_cost_records(build_store(Settings.from_env()), root)
+    if records.empty:
+        print(f"no cost records under {root}/costs")
+        return 0
+    for by in ("job", "run_date", "tag"):
+        print(f"\nby {by}:")
+        print(cost_totals(records, by).to_string(index=False))
     return 0
 
 
@@ -119,6 +192,14 @@ def cmd_emulator(args: argparse.Namespace, rest: list[str]) -> int:
     return emulator_main(rest)
 
 
+def cmd_samples(args: argparse.Namespace) -> int:
+    from flows.demo import EXAMPLES, write_sample_data
+
+    write_sample_data(EXAMPLES / "data", args.rows)
+    print(f"wrote sample data for the jobs in {EXAMPLES} to {EXAMPLES / 'data'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
@@ -126,18 +207,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.dir), rows=args.rows)
 
 
+def _job_command(sub: Any, name: str, help: str) -> argparse.ArgumentParser:
+    cmd = sub.add_parser(name, help=help)
+    cmd.add_argument("job", help="job spec YAML")
+    cmd.add_argument("--run-date", help="logical date YYYY-MM-DD (default: today, UTC)")
+    cmd.add_argument("--emulator", action="store_true", help="use the bundled Batch API emulator")
+    cmd.add_argument("--emulator-state", help="state directory of the emulator (keep it to resume)")
+    cmd.add_argument("--poll-interval", type=float, default=None, help="seconds between polls")
+    return cmd
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nightbatch", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="nightbatch", description="Nightly LLM enrichment through the OpenAI Batch API."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a job end to end (resumes an existing run)")
-    run.add_argument("job", help="job spec YAML")
-    run.add_argument("--run-date", help="logical date YYYY-MM-DD (default: today, UTC)")
-    run.add_argument("--emulator", action="store_true", help="use the bundled Batch API emulator")
-    run.add_argument("--emulator-state", help="state directory of the emulator")
-    run.add_argument("--poll-interval", type=float, default=None, help="seconds between polls")
-    status = sub.add_parser("status", help="list runs and their shard states")
+    _job_command(sub, "run", "run a job end to end, resuming the run if it exists")
+    _job_command(sub, "resume", "the same as run: carry an existing run on from where it stopped")
+    retry = _job_command(
+        sub, "retry", "give a finished run's failed rows more attempts, then reload it"
+    )
+    retry.add_argument("--extra-attempts", type=int, default=1)
+    _job_command(sub, "abandon", "cancel a run's open batches and mark it abandoned")
+    status = sub.add_parser("status", help="runs, shard states, attempts and errors by reason")
     status.add_argument("target", help="a job spec YAML or a storage root")
     status.add_argument("--run-date")
+    costs = sub.add_parser("costs", help="cost totals by job, day and tag, with savings")
+    costs.add_argument("target", help="a job spec YAML or a storage root")
     demo = sub.add_parser(
         "demo", help="generate sample data and run the sample jobs on the emulator"
     )
@@ -145,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dir", default=".nightbatch/demo", help="where the demo writes (default .nightbatch/demo)"
     )
     demo.add_argument("--rows", type=int, default=1000)
+    samples = sub.add_parser("samples", help="write the sample jobs' data to examples/data")
+    samples.add_argument("--rows", type=int, default=1000)
     sub.add_parser(
         "emulator",
         help="start the bundled Batch API emulator (see `nightbatch emulator --help`)",
@@ -159,12 +257,21 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["emulator"]:
         return cmd_emulator(argparse.Namespace(), argv[1:])
     args = parser.parse_args(argv)
+    from pydantic import ValidationError
+
     from tasks.errors import NightbatchError
 
     try:
-        return {"run": cmd_run, "status": cmd_status, "demo": cmd_demo}[args.command](args)
+        commands = {
+            "run": cmd_run, "resume": cmd_run, "retry": cmd_retry, "abandon": cmd_abandon,
+            "status": cmd_status, "costs": cmd_costs, "demo": cmd_demo, "samples": cmd_samples,
+        }  # fmt: skip
+        return commands[args.command](args)
     except NightbatchError as exc:
         print(f"nightbatch: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:
+        print(f"nightbatch: the job spec is not valid:\n{exc}", file=sys.stderr)
         return 2
 
 

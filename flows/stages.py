@@ -22,6 +22,7 @@ from tasks import transitions as tr
 from tasks.admission import admit, queue_state
 from tasks.batch_api import BatchApi
 from tasks.costrecord import check_budget, cost_records, estimate_cost
+from tasks.costreport import past_output_mean
 from tasks.crashpoints import crash_point
 from tasks.errors import BudgetExceededError, TerminalError
 from tasks.load import (
@@ -90,7 +91,10 @@ def prepare_stage(job: JobSpec, run_date: str, store: ObjectStore) -> RunManifes
         return refresh_job(existing, job)
     result = write_shards_task(job, store, layout)
     manifest = new_manifest(job, run_date, utc_now())
-    estimate = estimate_cost(job, result.rows, sum(s.input_tokens for s in result.shards))
+    past_mean = past_output_mean(store, job.storage_root, job.name, job.request.model, run_date)
+    estimate = estimate_cost(
+        job, result.rows, sum(s.input_tokens for s in result.shards), past_mean
+    )
     manifest = manifest.model_copy(
         update={"shards": result.shards, "rows_selected": result.rows, "estimate": estimate}
     )
@@ -338,6 +342,46 @@ def retry_failures(job: JobSpec | str, run_date: str | None = None) -> dict[str,
     if resent:
         manifest = submit_stage(manifest, store, build_batch_api(settings))
     return summary(manifest) | {"resent": resent}
+
+
+# ---- operator actions ----------------------------------------------------------------------------
+
+
+@flow(name="abandon", flow_run_name=_run_name("abandon"))
+def abandon(job: JobSpec | str, run_date: str | None = None) -> dict[str, Any]:
+    """Cancel a run's open batches and mark it abandoned (their finished lines are still billed)."""
+    spec, date = resolve_job(job), resolve_run_date(run_date)
+    settings = Settings.from_env()
+    store = build_store(settings)
+    manifest = load_manifest(store, layout_for(spec, date))
+    api = build_batch_api(settings)
+    cancelled = []
+    for shard in manifest.shards:
+        if shard.state == "submitted" and shard.batch_id:
+            api.cancel(shard.batch_id)
+            cancelled.append(shard.batch_id)
+    note = f"abandoned at {utc_now()}; cancelled batches: {', '.join(cancelled) or 'none'}"
+    manifest = tr.mark_abandoned(manifest, utc_now(), note)
+    save_manifest(store, manifest)
+    observe.publish_run(manifest, store)
+    get_run_logger().warning("run %s abandoned: %s", manifest.run_id, note)
+    return summary(manifest) | {"cancelled": cancelled}
+
+
+@flow(name="retry-run", flow_run_name=_run_name("retry-run"), task_runner=TASK_RUNNER)
+def retry_run(
+    job: JobSpec | str,
+    run_date: str | None = None,
+    extra_attempts: int = 1,
+    poll_interval_seconds: float | None = None,
+) -> dict[str, Any]:
+    """Give a finished run's failed rows more attempts, then finish it again like `pipeline`."""
+    spec, date = resolve_job(job), resolve_run_date(run_date)
+    store = build_store(Settings.from_env())
+    manifest = refresh_job(load_manifest(store, layout_for(spec, date)), spec)
+    reopened = tr.reopen_for_retry(manifest, extra_attempts, utc_now())
+    save_manifest(store, reopened)
+    return pipeline.fn(reopened.job, date, poll_interval_seconds=poll_interval_seconds)
 
 
 # ---- load ----------------------------------------------------------------------------------------

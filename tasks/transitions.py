@@ -114,3 +114,23 @@ def is_overdue(status: str, expires_at: int | None, now_epoch: float, grace_seco
     if status in TERMINAL_BATCH_STATUSES or status == "cancelling" or expires_at is None:
         return False
     return now_epoch > expires_at + grace_seconds
+
+
+def reopen_for_retry(manifest: RunManifest, extra_attempts: int, now: str) -> RunManifest:
+    """Give a finished run's failed rows `extra_attempts` more attempts (the next load replaces its
+    output and cost record)."""
+    if manifest.status == "abandoned":
+        raise InvalidTransitionError(f"run {manifest.run_id} was abandoned; start a new run date")
+    retry = manifest.job.retry.model_copy(
+        update={"max_attempts": manifest.job.retry.max_attempts + extra_attempts}
+    )
+    job = manifest.job.model_copy(update={"retry": retry})
+    reopened = manifest.model_copy(update={"job": job, "status": "collected", "loaded_at": None})
+    return with_status(reopened, now)
+
+
+def mark_abandoned(manifest: RunManifest, now: str, note: str) -> RunManifest:
+    if manifest.status == "loaded":
+        raise InvalidTransitionError(f"run {manifest.run_id} is already loaded; nothing to abandon")
+    notes = [*manifest.notes, note]
+    return manifest.model_copy(update={"status": "abandoned", "updated_at": now, "notes": notes})

@@ -1,0 +1,56 @@
+"""Reading the cost records table and totalling it by job, day or tag."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from schemas.tables import COST_RECORD_SCHEMA
+from tasks.layout import join_uri
+from tasks.storage import ObjectStore
+
+MONEY = ["cost_batch_usd", "cost_standard_usd", "savings_usd"]
+
+
+def read_cost_records(store: ObjectStore, root: str) -> pd.DataFrame:
+    files = store.list_files(join_uri(root, "costs"), suffix=".parquet")
+    if not files:
+        return COST_RECORD_SCHEMA.empty_table().to_pandas()
+    return pd.concat([store.read_table(f).to_pandas() for f in files], ignore_index=True)
+
+
+def cost_totals(records: pd.DataFrame, by: str) -> pd.DataFrame:
+    """Totals with savings by `job`, `run_date` or `tag` (a run counts under each of its tags)."""
+    frame = records
+    if by == "tag":
+        frame = records.assign(
+            tag=records["tags"].map(lambda tags: [f"{k}={v}" for k, v in tags] or ["(none)"])
+        )
+        frame = frame.explode("tag")
+    totals = (
+        frame.groupby(by)
+        .agg(runs=("run_id", "nunique"), requests=("requests", "sum"), input_tokens=("input_tokens", "sum"),
+             output_tokens=("output_tokens", "sum"), **{m: (m, "sum") for m in MONEY})
+        .reset_index()
+    )  # fmt: skip
+    totals["savings_pct"] = (
+        100
+        * totals["savings_usd"]
+        / totals["cost_standard_usd"].where(totals["cost_standard_usd"] > 0)
+    ).round(1)
+    return totals.round({m: 6 for m in MONEY})
+
+
+def past_output_mean(
+    store: ObjectStore, root: str, job_name: str, model: str, exclude_run_date: str
+) -> float | None:
+    """Mean output tokens per billed line over this job's earlier runs of the same model, if any."""
+    records = read_cost_records(store, root)
+    if records.empty:
+        return None
+    past = records[
+        (records["job"] == job_name)
+        & (records["model"].str.startswith(model))
+        & (records["run_date"] != exclude_run_date)
+    ]
+    lines = int(past["billed_lines"].sum())
+    return float(past["output_tokens"].sum()) / lines if lines else None
