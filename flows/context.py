@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 
 import openai
@@ -38,17 +39,22 @@ def build_store(settings: Settings) -> ObjectStore:
     return ObjectStore(storage_options=dict(settings.storage_options))
 
 
-def build_batch_api(settings: Settings) -> BatchApi:
-    if settings.openai_api_key is None:
-        raise TerminalError(
-            "OPENAI_API_KEY is not set. Set it to use OpenAI, or run against the bundled emulator "
-            "(`nightbatch run JOB.yaml --emulator`, or OPENAI_BASE_URL pointing at `nightbatch emulator`)."
-        )
-    client = openai.OpenAI(
+def openai_client(settings: Settings) -> openai.OpenAI:
+    assert settings.openai_api_key is not None
+    return openai.OpenAI(
         api_key=settings.openai_api_key.get_secret_value(),
         base_url=settings.openai_base_url,
         organization=settings.openai_organization,
         project=settings.openai_project,
         timeout=openai.Timeout(600.0, connect=10.0),
     )
-    return BatchApi(client)
+
+
+def build_batch_api(settings: Settings) -> BatchApi:
+    if settings.openai_api_key is None:
+        raise TerminalError(
+            "OPENAI_API_KEY is not set. Set it to use OpenAI, or run against the bundled emulator "
+            "(`nightbatch run JOB.yaml --emulator`, or OPENAI_BASE_URL pointing at `nightbatch emulator`)."
+        )
+    factory = functools.partial(openai_client, settings)
+    return BatchApi(factory(), client_factory=factory)

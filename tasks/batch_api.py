@@ -91,12 +91,28 @@ class BatchApi:
         backoff_seconds: float = 0.5,
         max_backoff_seconds: float = 30.0,
         sleep: Callable[[float], None] = time.sleep,
+        client_factory: Callable[[], openai.OpenAI] | None = None,
     ) -> None:
         self.client = client
+        self.client_factory = client_factory
         self.attempts = attempts
         self.backoff_seconds = backoff_seconds
         self.max_backoff_seconds = max_backoff_seconds
         self.sleep = sleep
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (for process-based task runners such as Dask) when built with a client factory:
+        the client is rebuilt on the other side, never serialised."""
+        if self.client_factory is None:
+            raise TypeError("a BatchApi built from a bare client cannot be sent to another process")
+        state = dict(self.__dict__)
+        state["client"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        assert self.client_factory is not None
+        self.client = self.client_factory()
 
     def _call(self, what: str, fn: Callable[[], T], *, retry: bool = True) -> T:
         delay = self.backoff_seconds
