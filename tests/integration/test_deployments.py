@@ -94,9 +94,13 @@ def test_nightly_deployments_and_the_poller_carry_a_run_to_loaded(
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     env = {**prefect_server, "OPENAI_BASE_URL": emulator.base_url, "OPENAI_API_KEY": "sk-test"}
-    run = lambda *args: subprocess.run(
-        [*PREFECT, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=180
-    )  # noqa: E731
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [*PREFECT, *args]
+        return subprocess.run(
+            command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180
+        )
+
     created = run("work-pool", "create", "nightbatch-local", "--type", "process", "--overwrite")
     assert created.returncode == 0, created.stderr
     deployed = run("--no-prompt", "deploy", "--all")
