@@ -79,6 +79,7 @@ class EmulatorServer:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self._requested_port))
+        sock.listen(2048)  # connections queue from now on, before uvicorn starts accepting
         self._socket = sock
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(

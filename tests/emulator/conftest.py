@@ -43,7 +43,9 @@ class Kit:
     def server(self, state_dir: Path | None = None, **settings: Any) -> EmulatorServer:
         """A started server (stopped at teardown) with FAST settings overridden by `settings`."""
         config = EmulatorConfig.model_validate({**FAST, **settings})
-        server = EmulatorServer(state_dir or self.tmp_path / "state", config=config)
+        if state_dir is None:  # a fresh directory per server unless one is asked for
+            state_dir = self.tmp_path / f"state-{len(self._servers)}"
+        server = EmulatorServer(state_dir, config=config)
         server.start()
         self._servers.append(server)
         return server

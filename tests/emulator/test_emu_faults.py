@@ -143,6 +143,9 @@ def test_expiry_when_emulated_time_passes_expires_at(kit) -> None:
     errors = kit.read(client, batch.error_file_id)
     assert len(errors) == 114
     assert {line["error"]["code"] for line in errors} == {"batch_expired"}
+    with pytest.raises(openai.ConflictError) as excinfo:
+        client.batches.cancel(batch.id)
+    assert excinfo.value.body["message"] == "Cannot cancel a batch with status 'expired'."  # type: ignore[index]
 
 
 def test_fast_clock_expires_a_slow_batch(kit) -> None:
