@@ -38,10 +38,13 @@ class _UvicornServer(uvicorn.Server):
 
 
 class EmulatorServer:
-    """An OpenAI-compatible Files + Batches server on 127.0.0.1.
+    """An OpenAI-compatible Files + Batches server on 127.0.0.1, e.g.
 
-    >>> with EmulatorServer(tmp_path) as emu:
-    ...     client = OpenAI(base_url=emu.base_url, api_key="test-key")
+        with EmulatorServer(state_dir, config=EmulatorConfig(clock_scale=600)) as emu:
+            client = OpenAI(base_url=emu.base_url, api_key="test-key")
+
+    `port=0` picks a free port. HTTP (uvicorn) and the batch engine each run in a background thread;
+    `stop()` ends both. `serve_forever()` runs HTTP in the calling thread instead (the CLI).
     """
 
     def __init__(
