@@ -188,7 +188,7 @@ class Progress:
     """A progress artifact for the current flow run, updated as batches finish."""
 
     def __init__(self, manifest: RunManifest) -> None:
-        self.id: UUID = create_progress_artifact(
+        self.id: UUID = create_progress_artifact(  # type: ignore[assignment]
             progress=progress_percent(manifest),
             key=artifact_key("progress", manifest.job_name),
             description=f"share of {manifest.run_id}'s request lines finished by their batches",

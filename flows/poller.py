@@ -46,7 +46,7 @@ def poller(jobs: list[JobSpec | str], launch: bool = True) -> dict[str, Any]:
                 key = step_key(manifest, step)  # type: ignore[arg-type]
                 params = {"job": job.model_dump(mode="json"), "run_date": manifest.run_date}
                 if launch:
-                    run = run_deployment(
+                    run: Any = run_deployment(
                         f"{STAGE_FLOWS[step]}/{job.name}",
                         parameters=params,
                         idempotency_key=key,

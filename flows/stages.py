@@ -47,7 +47,7 @@ from tasks.runs import (
 from tasks.steps import collect_shard_task, poll_batch_task, submit_shard_task, write_shards_task
 from tasks.storage import ObjectStore
 
-TASK_RUNNER = ThreadPoolTaskRunner(max_workers=4)
+TASK_RUNNER: Any = ThreadPoolTaskRunner(max_workers=4)
 
 
 def _run_name(stage: str) -> Any:
@@ -210,7 +210,7 @@ def poll_stage(
     """Check every open batch once."""
     logger = get_run_logger()
     open_shards = [s for s in manifest.shards if s.state == "submitted"]
-    futures = [poll_batch_task.submit(api, s.batch_id) for s in open_shards]
+    futures = [poll_batch_task.submit(api, str(s.batch_id)) for s in open_shards]
     changed = []
     for shard, future in zip(open_shards, futures, strict=True):
         batch = future.result()

@@ -30,12 +30,8 @@ def only_transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-RETRYING = {
-    "retries": 3,
-    "retry_delay_seconds": [2, 10, 30],
-    "retry_condition_fn": only_transient,
-    "cache_policy": NO_CACHE,
-}
+RETRIES = 3
+RETRY_DELAYS: list[float] = [2, 10, 30]
 
 
 @task(name="write-shards", cache_policy=NO_CACHE)
@@ -43,19 +39,40 @@ def write_shards_task(job: JobSpec, store: ObjectStore, layout: RunLayout) -> Pr
     return write_shards(job, store, layout)
 
 
-@task(name="submit-shard", task_run_name="submit-{shard.shard_id}", **RETRYING)  # type: ignore[arg-type]
+@task(
+    name="submit-shard",
+    task_run_name="submit-{shard.shard_id}",
+    retries=RETRIES,
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_condition_fn=only_transient,
+    cache_policy=NO_CACHE,
+)
 def submit_shard_task(
     api: BatchApi, store: ObjectStore, run_id: str, endpoint: str, shard: Shard
 ) -> BatchInfo:
     return submit_shard(api, store, run_id, endpoint, shard)
 
 
-@task(name="poll-batch", task_run_name="poll-{batch_id}", **RETRYING)  # type: ignore[arg-type]
+@task(
+    name="poll-batch",
+    task_run_name="poll-{batch_id}",
+    retries=RETRIES,
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_condition_fn=only_transient,
+    cache_policy=NO_CACHE,
+)
 def poll_batch_task(api: BatchApi, batch_id: str) -> BatchInfo:
     return api.retrieve(batch_id)
 
 
-@task(name="collect-shard", task_run_name="collect-{shard.shard_id}", **RETRYING)  # type: ignore[arg-type]
+@task(
+    name="collect-shard",
+    task_run_name="collect-{shard.shard_id}",
+    retries=RETRIES,
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_condition_fn=only_transient,
+    cache_policy=NO_CACHE,
+)
 def collect_shard_task(
     job: JobSpec, layout: RunLayout, shard: Shard, store: ObjectStore, api: BatchApi
 ) -> tuple[str, str, ShardCounts]:
