@@ -1,0 +1,188 @@
+"""The per-row result cache: content-addressed, in object storage under `{root}/cache/`.
+
+The key of a row is a hash of exactly what would be sent and how it is read back: the endpoint, the
+whole rendered body (model, messages or input, every parameter, the structured-output schema) and the
+version of the parsing rules. Any change to the template, model, parameters or schema changes the key of
+exactly the rows it affects, so nothing stale is ever served.
+
+Entries live in Parquet segments, one per collected shard, grouped in a namespace per endpoint, model,
+schema and parse version (all entries of a namespace share one Arrow schema):
+
+    {root}/cache/{namespace}/segment-{run_id}-{shard_id}.parquet   # cache_key, created_at, run_id, result columns
+
+Lookups are batched: prepare loads the keys of the namespace once (16 bytes each) into a sorted array and
+tests a whole record batch of keys against it with one vectorised search — no per-row round trips."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from schemas.job import JobSpec
+from schemas.tables import results_schema
+from tasks.layout import join_uri
+from tasks.storage import ObjectStore
+
+PARSE_RULES_VERSION = "1"
+KEY_BYTES = 16
+
+
+def namespace(job: JobSpec) -> str:
+    """Entries of one namespace share a result schema: endpoint, model, schema, parse rules."""
+    spec = orjson.dumps(
+        {
+            "endpoint": job.request.endpoint,
+            "model": job.request.model,
+            "schema": job.request.output_schema,
+            "parse": PARSE_RULES_VERSION,
+        },
+        option=orjson.OPT_SORT_KEYS,
+    )
+    name = job.request.model.replace("/", "_")
+    return f"{name}-{hashlib.sha256(spec).hexdigest()[:16]}"
+
+
+def cache_key(endpoint: str, body_json: bytes) -> bytes:
+    """16-byte key of one request: endpoint + the exact body bytes + parse rules version."""
+    digest = hashlib.blake2b(digest_size=KEY_BYTES)
+    digest.update(endpoint.encode())
+    digest.update(b"\x00" + PARSE_RULES_VERSION.encode() + b"\x00")
+    digest.update(body_json)
+    return digest.digest()
+
+
+def cache_key_from_line(line: bytes) -> bytes:
+    """The key of a request line as written to a shard: everything after its custom_id (the first
+    field; custom_ids hold no quotes), so the same request has the same key whatever row it came from."""
+    end = line.index(b'",', 14) + 2
+    return cache_key("", line[end:].rstrip(b"\n"))
+
+
+def _as_u64(keys: list[bytes] | pa.Array) -> np.ndarray:
+    """The first 8 bytes of each key as an unsigned integer (the index compares these)."""
+    if isinstance(keys, pa.Array | pa.ChunkedArray):
+        keys = keys.to_pylist()  # type: ignore[assignment]
+    raw = b"".join(k[:8] for k in keys)  # type: ignore[union-attr]
+    return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
+
+
+@dataclass
+class CacheIndex:
+    """Sorted 64-bit key prefixes of a namespace's live entries. A false hit needs two different
+    requests to share 64 bits of a 128-bit hash (about 1 in 10^8 per billion entries); the entry read
+    back at load is matched on the full 16-byte key, and a mismatch is resent, never served."""
+
+    sorted_keys: np.ndarray
+
+    @classmethod
+    def empty(cls) -> CacheIndex:
+        return cls(np.empty(0, dtype=np.uint64))
+
+    @classmethod
+    def from_keys(cls, keys: list[bytes]) -> CacheIndex:
+        return cls(np.unique(_as_u64(keys))) if keys else cls.empty()
+
+    def __len__(self) -> int:
+        return len(self.sorted_keys)
+
+    def contains(self, keys: list[bytes]) -> np.ndarray:
+        if not len(self.sorted_keys) or not keys:
+            return np.zeros(len(keys), dtype=bool)
+        probe = _as_u64(keys)
+        pos = np.searchsorted(self.sorted_keys, probe)
+        pos[pos == len(self.sorted_keys)] = 0
+        return self.sorted_keys[pos] == probe
+
+
+class ResultCache:
+    """Reads and writes one namespace of the cache."""
+
+    def __init__(self, store: ObjectStore, root: str, job: JobSpec) -> None:
+        self.store = store
+        self.job = job
+        self.dir = join_uri(root, "cache", namespace(job))
+        self.schema = pa.schema(
+            [
+                pa.field("cache_key", pa.binary(KEY_BYTES)),
+                pa.field("created_at", pa.string()),
+                pa.field("run_id", pa.string()),
+                *[f for f in results_schema(job.request) if f.name not in ("custom_id", "attempt")],
+            ]
+        )
+
+    def segments(self) -> list[str]:
+        return self.store.list_files(self.dir, suffix=".parquet")
+
+    def _live(self, table: pa.Table, max_age_days: float | None, now: datetime) -> pa.Table:
+        if max_age_days is None:
+            return table
+        cutoff = (now - timedelta(days=max_age_days)).isoformat()
+        return table.filter(pc.greater_equal(table.column("created_at"), cutoff))
+
+    def index(self, max_age_days: float | None, now: datetime) -> CacheIndex:
+        parts = []
+        for uri in self.segments():
+            table = self._live(
+                self.store.read_table(uri, columns=["cache_key", "created_at"]), max_age_days, now
+            )
+            if table.num_rows:
+                parts.append(_as_u64(table.column("cache_key")))
+        if not parts:
+            return CacheIndex.empty()
+        return CacheIndex(np.unique(np.concatenate(parts)))
+
+    def write_segment(
+        self, name: str, keys: list[bytes], results: pa.Table, run_id: str, now: str
+    ) -> str | None:
+        """Add succeeded results (rows aligned with `keys`) as one segment; returns its URI."""
+        if results.num_rows == 0:
+            return None
+        columns: dict[str, Any] = {
+            "cache_key": pa.array(keys, pa.binary(KEY_BYTES)),
+            "created_at": pa.array([now] * results.num_rows, pa.string()),
+            "run_id": pa.array([run_id] * results.num_rows, pa.string()),
+        }
+        for field in self.schema:
+            if field.name not in columns:
+                columns[field.name] = results.column(field.name)
+        uri = join_uri(self.dir, f"segment-{name}.parquet")
+        self.store.write_table(uri, pa.table(columns, schema=self.schema))
+        return uri
+
+    def read_entries(
+        self, wanted: set[bytes], max_age_days: float | None, now: datetime
+    ) -> pa.Table:
+        """The newest live entry of each wanted key (full 16-byte match)."""
+        wanted_array = pa.array(list(wanted), pa.binary(KEY_BYTES))
+        found = []
+        for uri in self.segments():
+            table = self._live(self.store.read_table(uri), max_age_days, now)
+            table = table.filter(pc.is_in(table.column("cache_key"), value_set=wanted_array))
+            if table.num_rows:
+                found.append(table.cast(self.schema))
+        if not found:
+            return self.schema.empty_table()
+        merged = pa.concat_tables(found).sort_by(
+            [("cache_key", "ascending"), ("created_at", "descending")]
+        )
+        keys = merged.column("cache_key").to_pylist()
+        first = [i for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k]
+        return merged.take(pa.array(first, pa.int64()))
+
+    def prune(self, older_than_days: float, now: datetime) -> int:
+        """Delete segments whose entries are all older than the cutoff; returns how many."""
+        cutoff = (now - timedelta(days=older_than_days)).isoformat()
+        removed = 0
+        for uri in self.segments():
+            created = self.store.read_table(uri, columns=["created_at"]).column(0)
+            if pc.max(created).as_py() < cutoff:
+                self.store.remove(uri)
+                removed += 1
+        return removed

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pyarrow as pa
+
+from schemas.job import JobSpec
+from schemas.tables import results_schema
+from tasks.cache import CacheIndex, ResultCache, cache_key, cache_key_from_line, namespace
+from tasks.render import RequestRenderer
+from tasks.storage import ObjectStore
+
+NOW = datetime(2026, 11, 24, 12, tzinfo=UTC)
+
+
+def job(**request: object) -> JobSpec:
+    base = {"model": "gpt-4o-mini", "template": "Say {t}", "params": {"max_tokens": 5}}
+    return JobSpec.model_validate(
+        {
+            "name": "j",
+            "source": {"uri": "s", "id_column": "id"},
+            "request": {**base, **request},
+            "output_uri": "o",
+            "storage_root": "r",
+        }
+    )
+
+
+def key_of(spec: JobSpec, text: str, custom_id: str = "r-1") -> bytes:
+    renderer = RequestRenderer(spec.request)
+    return cache_key_from_line(renderer.line(custom_id, renderer.body({"t": text})))
+
+
+def test_the_key_covers_what_is_sent_and_nothing_else() -> None:
+    base = job()
+    assert key_of(base, "hi") == key_of(base, "hi", custom_id="r-other-id")  # ids do not matter
+    assert key_of(base, "hi") != key_of(base, "hello")  # the rendered text does
+    assert key_of(base, "hi") != key_of(job(model="gpt-4o"), "hi")
+    assert key_of(base, "hi") != key_of(job(template="Please say {t}"), "hi")
+    assert key_of(base, "hi") != key_of(job(params={"max_tokens": 6}), "hi")
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    other = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    assert key_of(job(output_schema=schema), "hi") != key_of(job(output_schema=other), "hi")
+    assert namespace(job(output_schema=schema)) != namespace(job(output_schema=other))
+    assert len(key_of(base, "hi")) == 16
+    assert cache_key("/v1/embeddings", b"{}") != cache_key("/v1/chat/completions", b"{}")
+
+
+def test_index_lookup_is_vectorised_and_exact_on_prefixes() -> None:
+    keys = [cache_key("/v1/embeddings", str(i).encode()) for i in range(1000)]
+    index = CacheIndex.from_keys(keys[:500])
+    found = index.contains(keys)
+    assert found[:500].all() and not found[500:].any()
+    assert not CacheIndex.empty().contains(keys[:3]).any()
+
+
+def test_segments_round_trip_expire_and_prune(tmp_path: Path) -> None:
+    spec = job()
+    cache = ResultCache(ObjectStore(), str(tmp_path), spec)
+    schema = results_schema(spec.request)
+    results = pa.Table.from_pylist(
+        [{"custom_id": f"r-{i}", "attempt": 1, "batch_id": "b", "model": "gpt-4o-mini", "finish_reason": "stop",
+          "response_text": f"answer {i}", "input_tokens": 10, "cached_tokens": 0, "cache_write_tokens": 0,
+          "output_tokens": 2, "reasoning_tokens": 0} for i in range(3)],
+        schema=schema,
+    )  # fmt: skip
+    keys = [cache_key("/v1/chat/completions", str(i).encode()) for i in range(3)]
+    old = (NOW - timedelta(days=10)).isoformat()
+    cache.write_segment("run-a-s0", keys[:2], results.slice(0, 2), "run-a", old)
+    cache.write_segment("run-b-s0", keys[2:], results.slice(2, 1), "run-b", NOW.isoformat())
+
+    assert len(cache.index(None, NOW)) == 3
+    assert (
+        len(cache.index(max_age_days=5, now=NOW)) == 1
+    )  # entries older than 5 days are not served
+    entries = cache.read_entries(set(keys), None, NOW)
+    assert sorted(entries.column("response_text").to_pylist()) == [
+        "answer 0",
+        "answer 1",
+        "answer 2",
+    ]
+    assert set(entries.column("run_id").to_pylist()) == {"run-a", "run-b"}
+    assert cache.read_entries(set(keys), 5, NOW).column("response_text").to_pylist() == ["answer 2"]
+    assert cache.prune(older_than_days=5, now=NOW) == 1
+    assert len(cache.index(None, NOW)) == 1
