@@ -64,6 +64,14 @@ def _run_name(stage: str) -> Any:
     return name
 
 
+def open_run(job: JobSpec | str, run_date: str | None) -> tuple[Settings, ObjectStore, RunManifest]:
+    """Settings, storage and the manifest of an existing run, with the current job spec applied."""
+    spec, date = resolve_job(job), resolve_run_date(run_date)
+    settings = Settings.from_env()
+    store = build_store(settings)
+    return settings, store, refresh_job(load_manifest(store, layout_for(spec, date)), spec)
+
+
 def summary(manifest: RunManifest) -> dict[str, Any]:
     states: dict[str, int] = {}
     for shard in manifest.shards:
@@ -194,10 +202,7 @@ def wait_for_budget_approval(manifest: RunManifest, store: ObjectStore, reason: 
 @flow(name="submit", flow_run_name=_run_name("submit"), task_runner=TASK_RUNNER)
 def submit(job: JobSpec | str, run_date: str | None = None) -> dict[str, Any]:
     """Upload shard files and create batches, exactly once per shard attempt."""
-    spec, date = resolve_job(job), resolve_run_date(run_date)
-    settings = Settings.from_env()
-    store = build_store(settings)
-    manifest = refresh_job(load_manifest(store, layout_for(spec, date)), spec)
+    settings, store, manifest = open_run(job, run_date)
     return summary(submit_stage(manifest, store, build_batch_api(settings)))
 
 
@@ -251,10 +256,7 @@ def all_batches_terminal(manifest: RunManifest) -> bool:
 @flow(name="wait", flow_run_name=_run_name("wait"), task_runner=TASK_RUNNER)
 def wait(job: JobSpec | str, run_date: str | None = None) -> dict[str, Any]:
     """Check each open batch once and record its status (no sleeping loop)."""
-    spec, date = resolve_job(job), resolve_run_date(run_date)
-    settings = Settings.from_env()
-    store = build_store(settings)
-    manifest = refresh_job(load_manifest(store, layout_for(spec, date)), spec)
+    settings, store, manifest = open_run(job, run_date)
     return summary(
         poll_stage(manifest, store, build_batch_api(settings), settings.expiry_grace_seconds)
     )
@@ -287,10 +289,7 @@ def collect_stage(manifest: RunManifest, store: ObjectStore, api: BatchApi) -> R
 @flow(name="collect", flow_run_name=_run_name("collect"), task_runner=TASK_RUNNER)
 def collect(job: JobSpec | str, run_date: str | None = None) -> dict[str, Any]:
     """Download and parse the output and error files of every terminal batch."""
-    spec, date = resolve_job(job), resolve_run_date(run_date)
-    settings = Settings.from_env()
-    store = build_store(settings)
-    manifest = refresh_job(load_manifest(store, layout_for(spec, date)), spec)
+    settings, store, manifest = open_run(job, run_date)
     return summary(collect_stage(manifest, store, build_batch_api(settings)))
 
 
@@ -333,12 +332,8 @@ def retry_stage(manifest: RunManifest, store: ObjectStore) -> tuple[RunManifest,
 @flow(name="retry-failures", flow_run_name=_run_name("retry-failures"), task_runner=TASK_RUNNER)
 def retry_failures(job: JobSpec | str, run_date: str | None = None) -> dict[str, Any]:
     """Resubmit the retryable failures of a collected run as its next attempt."""
-    spec, date = resolve_job(job), resolve_run_date(run_date)
-    settings = Settings.from_env()
-    store = build_store(settings)
-    manifest, resent = retry_stage(
-        refresh_job(load_manifest(store, layout_for(spec, date)), spec), store
-    )
+    settings, store, manifest = open_run(job, run_date)
+    manifest, resent = retry_stage(manifest, store)
     if resent:
         manifest = submit_stage(manifest, store, build_batch_api(settings))
     return summary(manifest) | {"resent": resent}
@@ -350,10 +345,7 @@ def retry_failures(job: JobSpec | str, run_date: str | None = None) -> dict[str,
 @flow(name="abandon", flow_run_name=_run_name("abandon"))
 def abandon(job: JobSpec | str, run_date: str | None = None) -> dict[str, Any]:
     """Cancel a run's open batches and mark it abandoned (their finished lines are still billed)."""
-    spec, date = resolve_job(job), resolve_run_date(run_date)
-    settings = Settings.from_env()
-    store = build_store(settings)
-    manifest = load_manifest(store, layout_for(spec, date))
+    settings, store, manifest = open_run(job, run_date)
     api = build_batch_api(settings)
     cancelled = []
     for shard in manifest.shards:
@@ -376,12 +368,10 @@ def retry_run(
     poll_interval_seconds: float | None = None,
 ) -> dict[str, Any]:
     """Give a finished run's failed rows more attempts, then finish it again like `pipeline`."""
-    spec, date = resolve_job(job), resolve_run_date(run_date)
-    store = build_store(Settings.from_env())
-    manifest = refresh_job(load_manifest(store, layout_for(spec, date)), spec)
+    _, store, manifest = open_run(job, run_date)
     reopened = tr.reopen_for_retry(manifest, extra_attempts, utc_now())
     save_manifest(store, reopened)
-    return pipeline.fn(reopened.job, date, poll_interval_seconds=poll_interval_seconds)
+    return pipeline.fn(reopened.job, reopened.run_date, poll_interval_seconds=poll_interval_seconds)
 
 
 # ---- load ----------------------------------------------------------------------------------------
@@ -437,11 +427,8 @@ def load_stage(manifest: RunManifest, store: ObjectStore) -> RunManifest:
 @flow(name="load", flow_run_name=_run_name("load"))
 def load(job: JobSpec | str, run_date: str | None = None) -> dict[str, Any]:
     """Write the enriched rows and the dead letter atomically, then the cost record (last)."""
-    spec, date = resolve_job(job), resolve_run_date(run_date)
-    store = build_store(Settings.from_env())
-    return summary(
-        load_stage(refresh_job(load_manifest(store, layout_for(spec, date)), spec), store)
-    )
+    _, store, manifest = open_run(job, run_date)
+    return summary(load_stage(manifest, store))
 
 
 # ---- pipeline ------------------------------------------------------------------------------------
