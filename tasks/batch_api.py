@@ -65,12 +65,20 @@ def _retry_after(exc: openai.APIStatusError) -> float | None:
         return None
 
 
-def _translate(exc: Exception, what: str) -> Exception:
+def redact(text: str, secret: str | None) -> str:
+    """Remove a secret (and any echo of its tail, as APIs print "sk-...wxyz") from a message."""
+    if not secret:
+        return text
+    text = text.replace(secret, "***")
+    return text.replace(secret[-4:], "***") if len(secret) >= 12 else text
+
+
+def _translate(exc: Exception, what: str, secret: str | None = None) -> Exception:
     if isinstance(exc, openai.APIConnectionError):  # includes APITimeoutError
         return BatchApiUnavailable(f"{what}: Batch API unreachable ({type(exc).__name__})")
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
-        message = exc.message
+        message = redact(str(exc.message), secret)
         if status == 429 or status >= 500 or status == 408:
             return BatchApiUnavailable(f"{what}: HTTP {status}: {message}", _retry_after(exc))
         return BatchApiError(f"{what}: HTTP {status}: {message}")
@@ -120,12 +128,14 @@ class BatchApi:
             try:
                 return fn()
             except Exception as exc:  # noqa: BLE001 - translated below
-                translated = _translate(exc, what)
+                translated = _translate(exc, what, getattr(self.client, "api_key", None))
                 if (
                     not retry
                     or not isinstance(translated, BatchApiUnavailable)
                     or attempt == self.attempts
                 ):
+                    if isinstance(exc, openai.APIStatusError):
+                        raise translated from None  # its message may echo the key; ours is redacted
                     raise translated from exc
                 wait = translated.retry_after if translated.retry_after is not None else delay
                 self.sleep(min(wait, self.max_backoff_seconds))
