@@ -60,6 +60,10 @@ def run_demo(workdir: Path, rows: int = 1000) -> int:
             f"\n=== {result['run_id']}: {result['status']}, {result['rows']} rows -> {result['output']}"
         )
         frame = pd.read_parquet(result["output"])
+        if "embedding" in frame.columns:
+            frame["embedding"] = frame["embedding"].map(
+                lambda v: f"[{len(v)} floats: {v[0]:.4f}, {v[1]:.4f}, ...]"
+            )
         shown = [c for c in frame.columns if not c.startswith("nb_")][:6] + [
             "nb_status",
             "nb_attempt",
