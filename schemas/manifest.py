@@ -93,6 +93,8 @@ class RunManifest(BaseModel):
     cost_record_uri: str | None = None
     dead_letter_uri: str | None = None
     dead_lettered: int = 0
+    cache_hits: int = 0  # rows served from the result cache instead of being sent
+    cache_hits_uri: str | None = None  # requests/cache-hits.parquet: custom_id, cache_key
     budget_approved_by: str | None = None
     budget_approved_at: str | None = None
     notes: list[str] = Field(default_factory=list)

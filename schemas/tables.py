@@ -103,6 +103,9 @@ LINEAGE_FIELDS = [
     pa.field("nb_finish_reason", pa.string()),
     pa.field("nb_attempt", pa.int32()),
     pa.field("nb_batch_id", pa.string()),
+    pa.field(
+        "nb_cached_from_run", pa.string()
+    ),  # the run that produced a result served from the cache
 ]
 
 COST_RECORD_SCHEMA = pa.schema(
@@ -123,6 +126,9 @@ COST_RECORD_SCHEMA = pa.schema(
         pa.field("cost_batch_usd", pa.float64()),
         pa.field("cost_standard_usd", pa.float64()),
         pa.field("savings_usd", pa.float64()),
+        pa.field("requests_cached", pa.int64()),
+        pa.field("cache_avoided_batch_usd", pa.float64()),
+        pa.field("cache_avoided_standard_usd", pa.float64()),
         pa.field("estimated_cost_batch_usd", pa.float64()),
         pa.field("estimated_input_tokens", pa.int64()),
         pa.field("price_table_version", pa.string()),
@@ -130,4 +136,8 @@ COST_RECORD_SCHEMA = pa.schema(
         pa.field("loaded_at", pa.string()),
         pa.field("duration_seconds", pa.float64()),
     ]
+)
+
+CACHE_HITS_SCHEMA = pa.schema(
+    [pa.field("custom_id", pa.string(), nullable=False), pa.field("cache_key", pa.binary(16))]
 )
