@@ -128,6 +128,18 @@ class Limits(_Strict):
         description="The model's batch queue limit (enqueued input tokens) for your organisation; "
         "submit keeps nightbatch's own open batches under it and shards never exceed it",
     )
+    token_counting: Literal["exact", "sampled", "auto"] = Field(
+        default="auto",
+        description="How prepare counts input tokens: 'exact' counts every request; 'sampled' counts "
+        "a deterministic sample exactly and estimates the rest from bytes, inflated by a tested "
+        "error bound (2%) so budget and queue checks never see an undercount; 'auto' is exact up to "
+        "exact_token_counting_rows selected rows and sampled above",
+    )
+    exact_token_counting_rows: int = Field(
+        default=100_000,
+        ge=0,
+        description="With token_counting 'auto': the most selected rows counted exactly",
+    )
 
 
 class RetryPolicy(_Strict):

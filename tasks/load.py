@@ -23,7 +23,13 @@ from schemas.tables import (
     results_schema,
 )
 from tasks.layout import output_file
-from tasks.prepare import iter_source_batches, open_source, source_columns, source_filter
+from tasks.prepare import (
+    filter_columns,
+    iter_source_batches,
+    open_source,
+    source_columns,
+    source_filter,
+)
 from tasks.render import custom_id_for
 from tasks.runs import manifest_layout
 from tasks.storage import ObjectStore
@@ -133,7 +139,8 @@ def write_output(manifest: RunManifest, store: ObjectStore) -> LoadSummary:
     written = not_in_run = 0
     with store.open_atomic(target) as handle:
         writer = pq.ParquetWriter(handle, out_schema, compression="zstd")
-        for batch in iter_source_batches(dataset, columns, source_filter(job)):
+        scan = iter_source_batches(dataset, columns, source_filter(job), filter_columns(job))
+        for batch in scan:
             ids = batch.column(id_column).to_pylist()
             cids = [custom_id_for(v) for v in ids]
             positions = np.fromiter(

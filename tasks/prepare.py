@@ -1,14 +1,26 @@
 """prepare: stream the source table, render one request per row, pack shards of JSONL.
 
 Validates the job against the data first and raises BadInputError, naming the problem and the fix,
-before anything is written to the run or sent anywhere."""
+before anything is written to the run or sent anywhere.
+
+The source is streamed in record batches (column projection and filter pushed down to the Parquet
+reader) and never held whole. Each batch is rendered column-wise (`RequestRenderer.render_batch`);
+its tokens are counted on a thread pool while the next batch renders; shard files are written and
+hashed on a background thread. Both cores are busy: the Parquet decoder, tiktoken, file writes and
+sha256 all release the GIL, so only rendering holds it."""
 
 from __future__ import annotations
 
+import builtins
+import contextlib
 import difflib
 import hashlib
-from collections.abc import Iterator
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from queue import Empty, Full, Queue
 from typing import IO, Any
 
 import numpy as np
@@ -22,11 +34,18 @@ from schemas.manifest import Shard
 from schemas.tables import IDS_SCHEMA, LINEAGE_FIELDS, output_fields
 from tasks.errors import BadInputError
 from tasks.layout import RunLayout
-from tasks.render import RequestRenderer, custom_id_for
+from tasks.render import RenderedBatch, RequestRenderer, custom_id_for
 from tasks.storage import ObjectStore
-from tasks.tokens import count_request_tokens
+from tasks.tokens import TextTokenCounter, count_request_tokens
 
-SCAN_BATCH_ROWS = 8192
+SCAN_BATCH_ROWS = 4096
+RENDER_BATCH_ROWS = 4096  # small (filtered) scan batches are merged up to this many rows
+SCAN_BATCH_READAHEAD = 2  # batches the scanner decodes ahead: bounds the scan's memory
+SCAN_AHEAD = 2  # batches read ahead of rendering (on the scan thread)
+SCAN_BUFFER_BYTES = 8 << 20
+WRITE_BEHIND_CHUNKS = 3  # chunks queued for the background writer: bounds the write's memory
+RENDER_THREADS = 2
+RENDER_AHEAD = 2  # rendered batches waiting to be packed: bounds the render's memory
 
 
 def open_source(job: JobSpec, store: ObjectStore) -> ds.Dataset:
@@ -98,12 +117,172 @@ def source_filter(job: JobSpec) -> ds.Expression | None:
         ) from None
 
 
+def filter_columns(job: JobSpec) -> list[str]:
+    """The columns source.filter refers to."""
+    return list(dict.fromkeys(column for column, _, _ in job.source.filter or []))
+
+
 def iter_source_batches(
+    dataset: ds.Dataset,
+    columns: list[str],
+    expression: ds.Expression | None,
+    filter_on: list[str] | None = None,
+) -> Iterator[pa.RecordBatch]:
+    """The selected rows, in dataset order, in record batches of at most SCAN_BATCH_ROWS rows, with
+    `columns` only. `filter_on` names the columns `expression` refers to.
+
+    Memory stays bounded by a few batches, whatever the row groups' size: each Parquet file is
+    streamed page by page (`ParquetFile.iter_batches`, no pre-buffering) from the row groups that
+    the filter's statistics do not rule out, and the filter is applied to each batch. (Arrow's
+    dataset scanner, the fallback when the columns of a filter are not given, decodes whole row
+    groups ahead and holds several times more.)"""
+    if (expression is not None and filter_on is None) or not _plain_parquet(dataset):
+        yield from _scanner_batches(dataset, columns, expression)
+        return
+    read = list(dict.fromkeys([*columns, *(filter_on or [])]))
+    target = pa.schema([dataset.schema.field(name) for name in read])
+    for fragment in dataset.get_fragments():
+        groups = None
+        if expression is not None:
+            pieces = fragment.split_by_row_group(filter=expression, schema=dataset.schema)
+            groups = [group.id for piece in pieces for group in piece.row_groups]
+            if not groups:
+                continue
+        with dataset.filesystem.open_input_file(fragment.path) as handle:
+            file = pq.ParquetFile(handle, pre_buffer=False, buffer_size=SCAN_BUFFER_BYTES)
+            present = [name for name in read if name in file.schema_arrow.names]
+            for batch in file.iter_batches(
+                batch_size=SCAN_BATCH_ROWS, row_groups=groups, columns=present, use_threads=True
+            ):
+                batch = _conform(batch, target)
+                if expression is not None:
+                    batch = batch.filter(expression).select(columns)
+                if batch.num_rows:
+                    yield batch
+
+
+def _plain_parquet(dataset: ds.Dataset) -> bool:
+    return isinstance(dataset, ds.FileSystemDataset) and isinstance(
+        dataset.format, ds.ParquetFileFormat
+    )
+
+
+def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
+    """A file's batch in the dataset's schema: columns in order, cast, missing ones null (as the
+    dataset scanner does)."""
+    if batch.schema.equals(schema):
+        return batch
+    arrays = []
+    for target in schema:
+        if target.name in batch.schema.names:
+            column = batch.column(target.name)
+            arrays.append(column if column.type == target.type else column.cast(target.type))
+        else:
+            arrays.append(pa.nulls(batch.num_rows, target.type))
+    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+
+
+def _scanner_batches(
     dataset: ds.Dataset, columns: list[str], expression: ds.Expression | None
 ) -> Iterator[pa.RecordBatch]:
     yield from dataset.to_batches(
-        columns=columns, filter=expression, batch_size=SCAN_BATCH_ROWS, use_threads=True
+        columns=columns,
+        filter=expression,
+        batch_size=SCAN_BATCH_ROWS,
+        batch_readahead=SCAN_BATCH_READAHEAD,
+        fragment_readahead=1,
+        fragment_scan_options=ds.ParquetFragmentScanOptions(
+            pre_buffer=False, use_buffered_stream=True, buffer_size=SCAN_BUFFER_BYTES
+        ),
+        use_threads=True,
     )
+
+
+def merge_small_batches(
+    batches: Iterable[pa.RecordBatch], min_rows: int = RENDER_BATCH_ROWS
+) -> Iterator[pa.RecordBatch]:
+    """Batches of at least `min_rows` rows (but the last): a selective filter yields many small
+    batches, and per-batch work (and token sampling) wants full ones."""
+    held: list[pa.RecordBatch] = []
+    rows = 0
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        held.append(batch)
+        rows += batch.num_rows
+        if rows >= min_rows:
+            yield _concat(held)
+            held, rows = [], 0
+    if held:
+        yield _concat(held)
+
+
+def _concat(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
+    if len(batches) == 1:
+        return batches[0]
+    return pa.Table.from_batches(batches).combine_chunks().to_batches()[0]
+
+
+def read_ahead(batches: Iterator[pa.RecordBatch], depth: int) -> Iterator[pa.RecordBatch]:
+    """`batches`, produced on a background thread at most `depth` ahead (Parquet decoding releases
+    the GIL, so the scan overlaps the rest). Errors are re-raised here; closing stops the thread."""
+    queue: Queue[tuple[str, Any]] = Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        queue.put(("batch", batch), timeout=0.1)
+                        break
+                    except Full:
+                        continue
+                if stop.is_set():
+                    return
+            queue.put(("end", None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            queue.put(("error", exc))
+
+    thread = threading.Thread(target=produce, name="nightbatch-scan", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, item = queue.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():
+            with contextlib.suppress(Empty):
+                queue.get(timeout=0.1)
+
+
+class WriteBehind:
+    """Runs write jobs in order on one background thread, at most WRITE_BEHIND_CHUNKS queued (file
+    writes and sha256 release the GIL, so they overlap rendering). Errors surface on the next call."""
+
+    def __init__(self) -> None:
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="nightbatch-write")
+        self.pending: deque[Future[None]] = deque()
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.pending.append(self.pool.submit(job))
+        while len(self.pending) > WRITE_BEHIND_CHUNKS:
+            self.pending.popleft().result()
+
+    def drain(self) -> None:
+        while self.pending:
+            self.pending.popleft().result()
+
+    def close(self) -> None:
+        try:
+            self.drain()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -120,17 +299,46 @@ class ShardWriter:
     input_tokens: int = 0
     custom_ids: list[str] = field(default_factory=list)
     digest: Any = field(default_factory=hashlib.sha256)
+    behind: WriteBehind | None = None
+    id_chunks: list[pa.Array] = field(default_factory=list)
 
-    def add(self, custom_id: str, line: bytes, tokens: int) -> None:
-        self.handle.write(line)
-        self.digest.update(line)
+    def _emit(self, data: builtins.bytes | memoryview) -> None:
+        if self.behind is None:
+            self._write(data)
+        else:
+            self.behind.submit(lambda: self._write(data))
+
+    def _write(self, data: builtins.bytes | memoryview) -> None:
+        self.handle.write(data)
+        self.digest.update(data)
+
+    def add(self, custom_id: str, line: builtins.bytes, tokens: int) -> None:
+        self._emit(line)
         self.lines += 1
         self.bytes += len(line)
         self.input_tokens += tokens
         self.custom_ids.append(custom_id)
 
+    def add_chunk(
+        self, custom_ids: pa.Array, data: builtins.bytes | memoryview, tokens: int
+    ) -> None:
+        """Many lines at once: `data` is their JSONL bytes, `custom_ids` their ids in order."""
+        self._emit(data)
+        self._flush_ids()
+        self.id_chunks.append(custom_ids)
+        self.lines += len(custom_ids)
+        self.bytes += len(data)
+        self.input_tokens += tokens
+
+    def _flush_ids(self) -> None:
+        if self.custom_ids:
+            self.id_chunks.append(pa.array(self.custom_ids, pa.string()))
+            self.custom_ids = []
+
     def sidecar(self) -> None:
-        table = pa.table({"custom_id": pa.array(self.custom_ids, pa.string())}, schema=IDS_SCHEMA)
+        self._flush_ids()
+        ids = pa.concat_arrays(self.id_chunks) if self.id_chunks else pa.array([], pa.string())
+        table = pa.table({"custom_id": ids.cast(pa.string())}, schema=IDS_SCHEMA)
         self.store.write_table(self.layout.ids_file(self.attempt, self.index), table)
 
     def shard(self) -> Shard:
@@ -163,34 +371,45 @@ class ShardPacker:
         self.shards: list[Shard] = []
         self._writer: ShardWriter | None = None
         self._context: Any = None
+        self._behind: WriteBehind | None = None
 
     def _open(self) -> ShardWriter:
         index = len(self.shards)
         self._context = self.store.open_atomic(self.layout.request_file(self.attempt, index))
         handle = self._context.__enter__()
-        self._writer = ShardWriter(self.store, self.layout, self.attempt, index, handle)
+        self._writer = ShardWriter(
+            self.store, self.layout, self.attempt, index, handle, behind=self._behind
+        )
         return self._writer
 
     def _close(self) -> None:
         if self._writer is None:
             return
+        if self._behind is not None:
+            self._behind.drain()
         self._context.__exit__(None, None, None)
         self._writer.sidecar()
         self.shards.append(self._writer.shard())
         self._writer = None
 
+    def _too_big(self, custom_id: str, size: int) -> BadInputError:
+        return BadInputError(
+            f"the request for row {custom_id!r} is {size:,} bytes, more than a whole "
+            f"shard may hold ({self.max_bytes:,} bytes). Shorten that row's text or filter it out."
+        )
+
+    def _too_many_tokens(self, custom_id: str, tokens: int) -> BadInputError:
+        return BadInputError(
+            f"the request for row {custom_id!r} has {tokens:,} input tokens, more than "
+            f"limits.max_enqueued_tokens ({self.max_tokens:,}): it could never be queued. "
+            "Shorten that row's text or filter it out."
+        )
+
     def add(self, custom_id: str, line: bytes, tokens: int) -> None:
         if len(line) > self.max_bytes:
-            raise BadInputError(
-                f"the request for row {custom_id!r} is {len(line):,} bytes, more than a whole "
-                f"shard may hold ({self.max_bytes:,} bytes). Shorten that row's text or filter it out."
-            )
+            raise self._too_big(custom_id, len(line))
         if self.max_tokens is not None and tokens > self.max_tokens:
-            raise BadInputError(
-                f"the request for row {custom_id!r} has {tokens:,} input tokens, more than "
-                f"limits.max_enqueued_tokens ({self.max_tokens:,}): it could never be queued. "
-                "Shorten that row's text or filter it out."
-            )
+            raise self._too_many_tokens(custom_id, tokens)
         writer = self._writer or self._open()
         if (
             writer.lines >= self.max_lines
@@ -201,11 +420,65 @@ class ShardPacker:
             writer = self._open()
         writer.add(custom_id, line, tokens)
 
+    def add_rendered(self, rendered: RenderedBatch, tokens: np.ndarray) -> None:
+        """Every line of a rendered batch, in order, packed exactly as `add` would pack them one by
+        one, but a shard's worth of lines at a time (written behind, on another thread)."""
+        lengths = rendered.lengths
+        self._check_rows(rendered, tokens)
+        if self._behind is None:
+            self._behind = WriteBehind()
+            if self._writer is not None:
+                self._writer.behind = self._behind
+        start = 0
+        while start < len(rendered):
+            writer = self._writer or self._open()
+            take = self._room(writer, lengths[start:], tokens[start:])
+            if take == 0:
+                self._close()
+                continue
+            stop = start + take
+            writer.add_chunk(
+                rendered.custom_ids.slice(start, take),
+                rendered.chunk(start, stop),
+                int(tokens[start:stop].sum()),
+            )
+            start = stop
+
+    def _check_rows(self, rendered: RenderedBatch, tokens: np.ndarray) -> None:
+        too_big = rendered.lengths > self.max_bytes
+        too_many = tokens > self.max_tokens if self.max_tokens is not None else too_big
+        bad = np.flatnonzero(too_big | too_many)
+        if len(bad):
+            i = int(bad[0])
+            custom_id = str(rendered.custom_ids[i].as_py())
+            if too_big[i]:
+                raise self._too_big(custom_id, int(rendered.lengths[i]))
+            raise self._too_many_tokens(custom_id, int(tokens[i]))
+
+    def _room(self, writer: ShardWriter, lengths: np.ndarray, tokens: np.ndarray) -> int:
+        """How many of the next lines fit in the open shard."""
+        take = min(self.max_lines - writer.lines, len(lengths))
+        if take <= 0:
+            return 0
+        fits = np.cumsum(lengths[:take]) <= self.max_bytes - writer.bytes
+        take = int(np.argmin(fits)) if not fits.all() else take
+        if self.max_tokens is not None and take:
+            fits = np.cumsum(tokens[:take]) <= self.max_tokens - writer.input_tokens
+            take = int(np.argmin(fits)) if not fits.all() else take
+        return take
+
     def finish(self) -> list[Shard]:
-        self._close()
+        try:
+            self._close()
+        finally:
+            if self._behind is not None:
+                self._behind.close()
         return self.shards
 
     def abort(self) -> None:
+        if self._behind is not None:
+            with contextlib.suppress(Exception):  # the original error is the one to report
+                self._behind.close()
         if self._writer is not None:
             self._context.__exit__(BadInputError, BadInputError("aborted"), None)
             self._writer = None
@@ -215,6 +488,7 @@ class ShardPacker:
 class PrepareResult:
     shards: list[Shard]
     rows: int
+    tokens_exact: bool = True  # False: shard input_tokens are sampled estimates (see tasks.tokens)
 
 
 def _check_ids(batch: pa.RecordBatch, id_column: str) -> None:
@@ -232,48 +506,122 @@ def _duplicate_ids(hashes: np.ndarray) -> np.ndarray:
     return np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
 
 
+def sampled_token_counting(job: JobSpec, dataset: ds.Dataset, expr: ds.Expression | None) -> bool:
+    """Whether prepare estimates tokens from a sample (limits.token_counting) rather than counting
+    every request exactly."""
+    mode = job.limits.token_counting
+    if mode != "auto":
+        return mode == "sampled"
+    return count_selected(dataset, expr) > job.limits.exact_token_counting_rows
+
+
+class RequestTokens:
+    """Input tokens of rendered batches, by the rule of `tasks.tokens`: on the framed path a
+    constant (everything but the row's text, counted once) plus the text's tokens, counted on a
+    thread pool, exactly or by sample; on the per-row path, each body counted exactly."""
+
+    def __init__(self, renderer: RequestRenderer, sampled: bool) -> None:
+        self.renderer = renderer
+        self.counter = TextTokenCounter(renderer.spec.model, sampled)
+        self._base: int | None = None
+
+    def base(self) -> int:
+        if self._base is None:
+            body = self.renderer.body_for_text("")
+            self._base = count_request_tokens(self.renderer.endpoint, body)
+        return self._base
+
+    def submit(self, rendered: RenderedBatch) -> Callable[[], np.ndarray]:
+        """Start counting; the returned function waits for and returns each line's tokens."""
+        if rendered.bodies is not None:
+            bodies = rendered.bodies
+            endpoint = self.renderer.endpoint
+            future = self.counter.pool.submit(
+                lambda: np.fromiter(
+                    (count_request_tokens(endpoint, body) for body in bodies), np.int64, len(bodies)
+                )
+            )
+            return future.result
+        assert rendered.texts is not None and rendered.text_lengths is not None
+        texts = self.counter.submit(rendered.texts, rendered.text_lengths)
+        return lambda: texts() + self.base()
+
+    def close(self) -> None:
+        self.counter.close()
+
+
+def _id_hashes(custom_ids: pa.Array) -> np.ndarray:
+    values = custom_ids.to_pylist()
+    return np.fromiter(map(hash, values), np.int64, len(values))
+
+
 def write_shards(
     job: JobSpec, store: ObjectStore, layout: RunLayout, attempt: int = 1
 ) -> PrepareResult:
-    """Validate, render and pack every selected row. Raises BadInputError on bad input."""
+    """Validate, render and pack every selected row. Raises BadInputError on bad input.
+
+    A small pipeline, in source order: the scanner decodes batches (Arrow threads), RENDER_THREADS
+    render them (Arrow kernels, GIL released), tokens are counted on the counter's threads, and the
+    packer writes shards behind, on its own thread. At most RENDER_AHEAD batches are in flight."""
     dataset = open_source(job, store)
     columns = validate_job_against_schema(job, dataset.schema)
     expression = source_filter(job)
     renderer = RequestRenderer(job.request)
+    sampled = sampled_token_counting(job, dataset, expression)
+    tokens = RequestTokens(renderer, sampled)
     packer = ShardPacker(job, store, layout, attempt)
+    render_pool = ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="nightbatch-render")
     id_column = job.source.id_column
     hashes: list[np.ndarray] = []
     rows = 0
+    in_flight: deque[Future[tuple[RenderedBatch, Callable[[], np.ndarray]]]] = deque()
+
+    def render(batch: pa.RecordBatch) -> tuple[RenderedBatch, Callable[[], np.ndarray]]:
+        rendered = renderer.render_batch(batch, id_column)
+        return rendered, tokens.submit(rendered)
+
+    def pack_oldest() -> None:
+        rendered, counted = in_flight.popleft().result()
+        hashes.append(_id_hashes(rendered.custom_ids))
+        packer.add_rendered(rendered, counted())
+
     try:
-        for batch in iter_source_batches(dataset, columns, expression):
+        scan = iter_source_batches(dataset, columns, expression, filter_columns(job))
+        for batch in read_ahead(merge_small_batches(scan), SCAN_AHEAD):
             _check_ids(batch, id_column)
-            records = batch.to_pylist()
-            batch_hashes = np.empty(len(records), dtype=np.int64)
-            for i, record in enumerate(records):
-                custom_id = custom_id_for(record[id_column])
-                batch_hashes[i] = hash(custom_id)
-                body = renderer.body(record)
-                tokens = count_request_tokens(renderer.endpoint, body)
-                packer.add(custom_id, renderer.line(custom_id, body), tokens)
-            hashes.append(batch_hashes)
-            rows += len(records)
+            in_flight.append(render_pool.submit(render, batch))
+            rows += batch.num_rows
+            if len(in_flight) > RENDER_AHEAD:
+                pack_oldest()
+        while in_flight:
+            pack_oldest()
         dupes = _duplicate_ids(np.concatenate(hashes)) if hashes else np.array([])
         if len(dupes):
-            raise _duplicate_error(dataset, id_column, expression, set(dupes.tolist()))
+            raise _duplicate_error(dataset, id_column, expression, set(dupes.tolist()), job)
         shards = packer.finish()
     except BaseException:
+        for future in in_flight:
+            future.cancel()
         packer.abort()
         raise
-    return PrepareResult(shards=shards, rows=rows)
+    finally:
+        render_pool.shutdown(wait=True, cancel_futures=True)
+        tokens.close()
+    return PrepareResult(shards=shards, rows=rows, tokens_exact=not sampled)
 
 
 def _duplicate_error(
-    dataset: ds.Dataset, id_column: str, expression: ds.Expression | None, suspects: set[int]
+    dataset: ds.Dataset,
+    id_column: str,
+    expression: ds.Expression | None,
+    suspects: set[int],
+    job: JobSpec | None = None,
 ) -> BadInputError:
     """Second pass over the ids only, to name the duplicated values exactly."""
     seen: set[str] = set()
     duplicated: list[str] = []
-    for batch in iter_source_batches(dataset, [id_column], expression):
+    filter_on = filter_columns(job) if job is not None else None
+    for batch in iter_source_batches(dataset, [id_column], expression, filter_on):
         for value in batch.column(0).to_pylist():
             cid = custom_id_for(value)
             if hash(cid) in suspects:

