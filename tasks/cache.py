@@ -58,10 +58,21 @@ def cache_key(endpoint: str, body_json: bytes) -> bytes:
     return digest.digest()
 
 
+LINE_PREFIX = b'{"custom_id":"'
+
+
+def custom_id_of_line(line: bytes) -> str:
+    if line.startswith(LINE_PREFIX):
+        return line[len(LINE_PREFIX) : line.index(b'"', len(LINE_PREFIX))].decode()
+    return str(orjson.loads(line)["custom_id"])
+
+
 def cache_key_from_line(line: bytes) -> bytes:
     """The key of a request line as written to a shard: everything after its custom_id (the first
     field; custom_ids hold no quotes), so the same request has the same key whatever row it came from."""
-    end = line.index(b'",', 14) + 2
+    if not line.startswith(LINE_PREFIX):
+        raise ValueError("a request line must start with its custom_id")
+    end = line.index(b'",', len(LINE_PREFIX)) + 2
     return cache_key("", line[end:].rstrip(b"\n"))
 
 
@@ -186,3 +197,36 @@ class ResultCache:
                 self.store.remove(uri)
                 removed += 1
         return removed
+
+
+def keys_of_request_file(
+    store: ObjectStore, request_uri: str, wanted: set[str]
+) -> dict[str, bytes]:
+    """custom_id -> cache key of the wanted lines of a shard's request file (streamed)."""
+    keys: dict[str, bytes] = {}
+    with store.open_read(request_uri) as handle:
+        for line in handle:
+            if line.strip():
+                custom_id = custom_id_of_line(line)
+                if custom_id in wanted:
+                    keys[custom_id] = cache_key_from_line(line)
+    return keys
+
+
+def cache_shard_results(
+    cache: ResultCache,
+    store: ObjectStore,
+    request_uri: str,
+    results_uri: str,
+    name: str,
+    run_id: str,
+    now: str,
+) -> int:
+    """Add a collected shard's succeeded results to the cache (failures are never cached)."""
+    results = store.read_table(results_uri)
+    if results.num_rows == 0:
+        return 0
+    custom_ids = [str(c) for c in results.column("custom_id").to_pylist()]
+    keys = keys_of_request_file(store, request_uri, set(custom_ids))
+    cache.write_segment(name, [keys[c] for c in custom_ids], results, run_id, now)
+    return results.num_rows
