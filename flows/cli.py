@@ -186,6 +186,40 @@ def cmd_costs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from flows.context import build_store
+    from schemas.job import JobSpec
+    from schemas.settings import Settings
+    from tasks.cache import ResultCache, cache_report
+    from tasks.runs import list_manifests
+
+    root = _root_of(args.target)
+    store = build_store(Settings.from_env())
+    if args.prune_older_than is not None:
+        if not args.target.endswith((".yaml", ".yml")):
+            print("--prune-older-than needs a job spec (its cache namespace)", file=sys.stderr)
+            return 2
+        job = JobSpec.from_yaml(args.target)
+        removed = ResultCache(store, root, job).prune(args.prune_older_than, datetime.now(UTC))
+        print(f"pruned {removed} segment(s) older than {args.prune_older_than} days")
+    report = cache_report(store, root)
+    if not report:
+        print(f"the cache under {root}/cache is empty")
+    for row in report:
+        print(
+            f"{row['namespace']}: {row['entries']} entries in {row['segments']} segments, {row['bytes'] / 1e6:.2f} MB"
+        )
+    print("hit rates:")
+    for m in sorted(list_manifests(store, root), key=lambda m: (m.job_name, m.run_date)):
+        rate = 100.0 * m.cache_hits / m.rows_selected if m.rows_selected else 0.0
+        print(
+            f"  {m.run_id}: {m.cache_hits} of {m.rows_selected} rows from the cache ({rate:.1f}%)"
+        )
+    return 0
+
+
 def cmd_emulator(args: argparse.Namespace, rest: list[str]) -> int:
     from emulator.cli import main as emulator_main
 
@@ -264,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         commands = {
             "run": cmd_run, "resume": cmd_run, "retry": cmd_retry, "abandon": cmd_abandon,
-            "status": cmd_status, "costs": cmd_costs, "demo": cmd_demo, "samples": cmd_samples,
+            "status": cmd_status, "costs": cmd_costs, "cache": cmd_cache, "demo": cmd_demo, "samples": cmd_samples,
         }  # fmt: skip
         return commands[args.command](args)
     except NightbatchError as exc:

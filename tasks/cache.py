@@ -230,3 +230,18 @@ def cache_shard_results(
     keys = keys_of_request_file(store, request_uri, set(custom_ids))
     cache.write_segment(name, [keys[c] for c in custom_ids], results, run_id, now)
     return results.num_rows
+
+
+def cache_report(store: ObjectStore, root: str) -> list[dict[str, Any]]:
+    """Per namespace: segments, entries and bytes."""
+    rows = []
+    base = join_uri(root, "cache")
+    by_namespace: dict[str, list[str]] = {}
+    for uri in store.list_files(base, suffix=".parquet"):
+        name = uri[len(base) :].strip("/").split("/")[0]
+        by_namespace.setdefault(name, []).append(uri)
+    for name, uris in sorted(by_namespace.items()):
+        entries = sum(store.read_table(u, columns=["cache_key"]).num_rows for u in uris)
+        size = sum(store.size(u) for u in uris)
+        rows.append({"namespace": name, "segments": len(uris), "entries": entries, "bytes": size})
+    return rows

@@ -80,6 +80,10 @@ class ObjectStore:
         with fs.open(path, "rb") as handle:
             yield handle
 
+    def size(self, uri: str) -> int:
+        fs, path = self.fs(uri)
+        return int(fs.size(path))
+
     def remove(self, uri: str, recursive: bool = False) -> None:
         fs, path = self.fs(uri)
         if fs.exists(path):
