@@ -268,6 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--run-date")
     costs = sub.add_parser("costs", help="cost totals by job, day and tag, with savings")
     costs.add_argument("target", help="a job spec YAML or a storage root")
+    cache = sub.add_parser("cache", help="result cache size and hit rates; prune old entries")
+    cache.add_argument("target", help="a job spec YAML or a storage root")
+    cache.add_argument(
+        "--prune-older-than",
+        type=float,
+        metavar="DAYS",
+        help="delete entries older than DAYS (needs a job spec)",
+    )
     demo = sub.add_parser(
         "demo", help="generate sample data and run the sample jobs on the emulator"
     )
