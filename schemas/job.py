@@ -142,6 +142,21 @@ class Limits(_Strict):
     )
 
 
+class CacheSettings(_Strict):
+    """The per-row result cache (see tasks/cache.py): a row whose request is byte-for-byte one that
+    succeeded before is served from the cache instead of being sent again."""
+
+    enabled: bool = Field(
+        default=True, description="Look rows up in the cache and add new results to it"
+    )
+    refresh: bool = Field(
+        default=False, description="Send every row again (new results still go to the cache)"
+    )
+    max_age_days: float | None = Field(
+        default=None, gt=0, description="Serve only entries younger than this"
+    )
+
+
 class RetryPolicy(_Strict):
     max_attempts: int = Field(default=3, ge=1, le=10)
 
@@ -154,6 +169,7 @@ class JobSpec(_Strict):
     storage_root: str = Field(description="Root for run state, shards and cost records")
     limits: Limits = Field(default_factory=Limits)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
     tags: dict[str, str] = Field(default_factory=dict)
     prices: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
