@@ -132,7 +132,7 @@ class Limits(_Strict):
         default="auto",
         description="How prepare counts input tokens: 'exact' counts every request; 'sampled' counts "
         "a deterministic sample exactly and estimates the rest from bytes, inflated by a tested "
-        "error bound (2%) so budget and queue checks never see an undercount; 'auto' is exact up to "
+        "error bound (3%) so budget and queue checks never see an undercount; 'auto' is exact up to "
         "exact_token_counting_rows selected rows and sampled above",
     )
     exact_token_counting_rows: int = Field(

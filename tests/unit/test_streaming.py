@@ -1,0 +1,257 @@
+"""The streaming paths give exactly what the row-by-row paths give: rendered lines (byte for byte),
+custom ids, JSON escaping, the Parquet scan with its filter, and shard packing."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from schemas.job import JobSpec, RequestSpec
+from tasks.layout import RunLayout
+from tasks.prepare import (
+    ShardPacker,
+    iter_source_batches,
+    merge_small_batches,
+    read_ahead,
+    source_filter,
+)
+from tasks.render import (
+    RequestRenderer,
+    custom_id_for,
+    custom_ids_for,
+    json_escaped,
+    json_escaped_array,
+)
+from tasks.storage import ObjectStore
+
+ROWS: dict[str, list[Any]] = {
+    "id": ["a", "x y", "é", "T-1", "z" * 61, "ok.id:9_-"],
+    "t": [
+        'he said "hi"\n\\ok',
+        None,
+        "tab\there\r\x01\x1f ctrl \x08\x0c",
+        "ünï ✓ 😀 \u2028",
+        "",
+        "plain",
+    ],
+    "n": [1, None, 3, -4, 0, 2**40],
+    "f": [1.0, 2.5, None, 1e20, 0.1 + 0.2, -0.0],
+    "b": [True, False, None, True, False, True],
+    "d": [datetime.date(2020, 1, 1), None, datetime.date(2021, 2, 3)] * 2,
+}
+SPECS: list[dict[str, Any]] = [
+    {
+        "model": "gpt-4o-mini",
+        "system_prompt": 'Sys {{x}} "q"',
+        "template": "T: {t} n={n} f={f} b={b} d={d}",
+        "params": {"max_tokens": 5, "temperature": 0},
+        "output_schema": {"type": "object", "properties": {"a": {"type": "string"}}},
+    },
+    {"model": "gpt-4o-mini", "template": "{t}"},
+    {"model": "gpt-4o-mini", "template": "static only, {{braces}}"},
+    {"model": "gpt-4o-mini", "template": "{n:>4} {f!r} {t!r:.5} {t}"},
+    {
+        "endpoint": "/v1/responses",
+        "model": "gpt-5-mini",
+        "system_prompt": "Be brief",
+        "template": "{t}",
+        "output_schema": {"type": "object", "properties": {"a": {"type": "integer"}}},
+    },
+    {
+        "endpoint": "/v1/responses",
+        "model": "gpt-5-mini",
+        "template": "{t}",
+        "params": {"instructions": "x"},
+    },
+    {
+        "endpoint": "/v1/embeddings",
+        "model": "text-embedding-3-small",
+        "template": "{t}{n}",
+        "params": {"dimensions": 8},
+    },
+    {"model": "gpt-4o-mini", "system_prompt": "About {n}", "template": "{t}"},  # per-row path
+]
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_batch_rendering_is_byte_for_byte_the_row_rendering(spec: dict[str, Any]) -> None:
+    batch = pa.RecordBatch.from_pydict(ROWS)
+    renderer = RequestRenderer(RequestSpec(**spec))
+    rendered = renderer.render_batch(batch, "id")
+    data = bytes(rendered.chunk(0, len(rendered)))
+    expected = [
+        renderer.line(custom_id_for(row["id"]), renderer.body(row)) for row in batch.to_pylist()
+    ]
+    assert data.splitlines(keepends=True) == expected
+    assert rendered.lengths.tolist() == [len(line) for line in expected]
+    assert bytes(rendered.chunk(2, 4)) == b"".join(expected[2:4])
+    assert rendered.custom_ids.to_pylist() == [custom_id_for(v) for v in ROWS["id"]]
+
+
+def test_custom_ids_for_every_id_type_match_the_row_rule() -> None:
+    columns = [
+        pa.array(["T-000123", "x y", "a" * 60, "a" * 61, "ü", ""]),
+        pa.array(["T-1", "b c"], pa.large_string()),
+        pa.array([0, -5, 2**62], pa.int64()),
+        pa.array([7], pa.int8()),
+        pa.array([1.5, 2.0]),
+        pa.array([datetime.date(2026, 1, 2)]),
+    ]
+    for column in columns:
+        assert custom_ids_for(column).to_pylist() == [custom_id_for(v) for v in column.to_pylist()]
+
+
+def test_json_escaping_matches_orjson_on_random_text() -> None:
+    rng = random.Random(3)
+    alphabet = 'ab "\\\n\t\r\x00\x1f\x7fé€😀\u2028/' + "".join(map(chr, range(32)))
+    for controls in (True, False):
+        chars = alphabet if controls else 'ab "\\\n\t\ré€😀\u2028/'
+        texts = ["".join(rng.choice(chars) for _ in range(rng.randrange(30))) for _ in range(300)]
+        array = pa.array(texts, pa.large_string())
+        expected = [orjson.dumps(t)[1:-1] for t in texts]
+        assert json_escaped_array(array).to_pylist() == expected
+        assert json_escaped(array) == expected
+
+
+def _write_dataset(root: Path) -> ds.Dataset:
+    """Three files: one with the columns in another order and an int32 `n`, one without `note`."""
+    root.mkdir()
+    rng = np.random.default_rng(5)
+    ids = iter(range(10_000))
+
+    def table(rows: int) -> pa.Table:
+        return pa.table(
+            {
+                "id": [f"r{next(ids)}" for _ in range(rows)],
+                "n": pa.array(rng.integers(0, 100, rows), pa.int64()),
+                "tier": pa.array(rng.choice(["free", "pro", "ent"], rows).tolist()),
+                "note": [None if i % 7 == 0 else f"note {i}" for i in range(rows)],
+            }
+        )
+
+    pq.write_table(table(2500), root / "part-0.parquet", row_group_size=600)
+    second = table(1800)
+    second = second.select(["note", "tier", "id", "n"]).set_column(
+        3, "n", second.column("n").cast(pa.int32())
+    )
+    pq.write_table(second, root / "part-1.parquet", row_group_size=500)
+    pq.write_table(table(900).drop_columns(["note"]), root / "part-2.parquet")
+    return ds.dataset(root, format="parquet")
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        None,
+        [("tier", "in", ["pro", "ent"])],
+        [("n", ">=", 50), ("tier", "!=", "free")],
+        [("n", ">", 1000)],
+    ],
+)
+def test_streamed_scan_selects_the_rows_arrow_selects(
+    tmp_path: Path, filters: list[tuple[str, str, Any]] | None
+) -> None:
+    dataset = _write_dataset(tmp_path / "src")
+    job = JobSpec.model_validate(
+        {
+            "name": "scan",
+            "source": {"uri": str(tmp_path / "src"), "id_column": "id", "filter": filters},
+            "request": {"model": "gpt-4o-mini", "template": "{note}"},
+            "output_uri": str(tmp_path / "out"),
+            "storage_root": str(tmp_path / "state"),
+        }
+    )
+    expression = source_filter(job)
+    columns = ["id", "note", "n"]
+    expected = dataset.to_table(columns=columns, filter=expression)
+    filter_on = [f[0] for f in filters or []]
+    batches = list(iter_source_batches(dataset, columns, expression, filter_on))
+    got = pa.Table.from_batches(batches, schema=expected.schema)
+    assert got.equals(expected)
+    merged = list(read_ahead(merge_small_batches(iter(batches), 1000), 2))
+    assert all(b.num_rows >= 1000 for b in merged[:-1])
+    assert pa.Table.from_batches(merged, schema=expected.schema).equals(expected)
+
+
+def test_read_ahead_passes_errors_on() -> None:
+    def failing() -> Any:
+        yield pa.record_batch({"x": [1]})
+        raise OSError("disk gone")
+
+    reader = read_ahead(failing(), 1)
+    assert next(reader).num_rows == 1
+    with pytest.raises(OSError, match="disk gone"):
+        next(reader)
+
+
+def _pack(
+    tmp_path: Path, name: str, limits: dict[str, Any], rows: int, bulk: bool
+) -> tuple[list[Any], list[bytes], list[list[str]]]:
+    job = JobSpec.model_validate(
+        {
+            "name": name,
+            "source": {"uri": "unused", "id_column": "id"},
+            "request": {"model": "gpt-4o-mini", "template": "{t}"},
+            "output_uri": str(tmp_path / "out"),
+            "storage_root": str(tmp_path / name),
+            "limits": limits,
+        }
+    )
+    store = ObjectStore()
+    layout = RunLayout(job.storage_root, job.name, "2026-01-01")
+    renderer = RequestRenderer(job.request)
+    packer = ShardPacker(job, store, layout, 1)
+    rng = random.Random(9)
+    table = pa.table(
+        {
+            "id": [f"id-{i}" for i in range(rows)],
+            "t": ["x" * rng.randrange(1, 400) for _ in range(rows)],
+        }
+    )
+    for batch in table.to_batches(max_chunksize=333):
+        rendered = renderer.render_batch(batch, "id")
+        tokens = rendered.lengths // 7 + 1
+        if bulk:
+            packer.add_rendered(rendered, tokens)
+        else:
+            data = bytes(rendered.chunk(0, len(rendered)))
+            ids = rendered.custom_ids.to_pylist()
+            for cid, line, count in zip(ids, data.splitlines(keepends=True), tokens, strict=True):
+                packer.add(cid, line, int(count))
+    shards = packer.finish()
+    files = [Path(s.request_uri).read_bytes() for s in shards]
+    ids = [
+        pq.read_table(layout.ids_file(1, s.index)).column("custom_id").to_pylist() for s in shards
+    ]
+    return shards, files, ids
+
+
+@pytest.mark.parametrize(
+    "limits",
+    [
+        {"max_lines_per_shard": 50},
+        {"max_bytes_per_shard": 4096},
+        {"max_enqueued_tokens": 900},
+        {"max_lines_per_shard": 120, "max_bytes_per_shard": 30_000, "max_enqueued_tokens": 3000},
+    ],
+)
+def test_bulk_packing_packs_exactly_as_line_by_line(tmp_path: Path, limits: dict[str, Any]) -> None:
+    one, one_files, one_ids = _pack(tmp_path, "one", limits, 1000, bulk=False)
+    bulk, bulk_files, bulk_ids = _pack(tmp_path, "bulk", limits, 1000, bulk=True)
+    assert bulk_files == one_files and bulk_ids == one_ids
+    assert [s.model_dump(exclude={"request_uri"}) for s in bulk] == [
+        s.model_dump(exclude={"request_uri"}) for s in one
+    ]
+    assert all(
+        s.sha256 == hashlib.sha256(f).hexdigest() for s, f in zip(bulk, bulk_files, strict=True)
+    )
