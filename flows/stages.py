@@ -28,6 +28,7 @@ from tasks.crashpoints import crash_point
 from tasks.errors import BudgetExceededError, TerminalError
 from tasks.load import (
     billed_usage_by_model,
+    cached_usage_by_model,
     cost_table,
     gather_outcomes,
     succeeded_ids_and_errors,
@@ -98,22 +99,32 @@ def prepare_stage(job: JobSpec, run_date: str, store: ObjectStore) -> RunManifes
     if existing is not None:
         logger.info("run %s already prepared (%s); resuming", existing.run_id, existing.status)
         return refresh_job(existing, job)
-    result = write_shards_task(job, store, layout)
+    index = None
+    if job.cache.enabled and not job.cache.refresh:
+        index = ResultCache(store, job.storage_root, job).index(
+            job.cache.max_age_days, datetime.now(UTC)
+        )
+    result = write_shards_task(job, store, layout, index)
     manifest = new_manifest(job, run_date, utc_now())
     past_mean = past_output_mean(store, job.storage_root, job.name, job.request.model, run_date)
-    estimate = estimate_cost(
-        job, result.rows, sum(s.input_tokens for s in result.shards), past_mean
-    )
+    sent = result.rows - result.cache_hits
+    estimate = estimate_cost(job, sent, sum(s.input_tokens for s in result.shards), past_mean)
     manifest = manifest.model_copy(
-        update={"shards": result.shards, "rows_selected": result.rows, "estimate": estimate}
+        update={
+            "shards": result.shards,
+            "rows_selected": result.rows,
+            "estimate": estimate,
+            "cache_hits": result.cache_hits,
+            "cache_hits_uri": layout.cache_hits if result.cache_hits else None,
+        }
     )
     save_manifest(store, manifest)
     crash_point("after-prepare")
     logger.info(
-        "prepared %s: %d rows in %d shards, %d input tokens, estimated $%.4f at batch prices "
-        "($%.4f at standard prices)",
-        manifest.run_id, result.rows, len(result.shards), estimate.input_tokens,
-        estimate.batch_usd, estimate.standard_usd,
+        "prepared %s: %d rows, %d served from the cache, %d to send in %d shards, %d input tokens, "
+        "estimated $%.4f at batch prices ($%.4f at standard prices)",
+        manifest.run_id, result.rows, result.cache_hits, sent, len(result.shards),
+        estimate.input_tokens, estimate.batch_usd, estimate.standard_usd,
     )  # fmt: skip
     return manifest
 
@@ -397,10 +408,11 @@ def load_stage(manifest: RunManifest, store: ObjectStore) -> RunManifest:
     records = cost_records(
         manifest,
         billed_usage_by_model(outcomes),
-        succeeded=loaded.rows_written,
+        succeeded=loaded.rows_written - manifest.cache_hits,
         failed=outcomes.errors.num_rows,
         dead_lettered=loaded.rows_dead_lettered,
         loaded_at=now,
+        cached_usage_by_model=cached_usage_by_model(outcomes),
     )
     layout = manifest_layout(manifest)
     store.write_table(layout.cost_record, cost_table(records))

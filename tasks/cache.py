@@ -112,6 +112,48 @@ class CacheIndex:
         return self.sorted_keys[pos] == probe
 
 
+class HitRecorder:
+    """Splits rendered batches into cache hits (recorded to a Parquet file of custom_id + key, for
+    load to splice in) and misses (to be sent). Thread-safe: render threads call `split`."""
+
+    def __init__(self, index: CacheIndex, handle: Any) -> None:
+        import threading
+
+        import pyarrow.parquet as pq
+
+        from schemas.tables import CACHE_HITS_SCHEMA
+
+        self.index = index
+        self.schema = CACHE_HITS_SCHEMA
+        self.writer = pq.ParquetWriter(handle, CACHE_HITS_SCHEMA, compression="zstd")
+        self.lock = threading.Lock()
+        self.hits = 0
+
+    def split(self, rendered: Any) -> Any:
+        if not len(self.index) or not len(rendered):
+            return rendered
+        keys = [cache_key_from_line(rendered.line(i)) for i in range(len(rendered))]
+        hit = self.index.contains(keys)
+        if not hit.any():
+            return rendered
+        table = pa.table(
+            {
+                "custom_id": rendered.custom_ids.filter(pa.array(hit)),
+                "cache_key": pa.array(
+                    [k for k, h in zip(keys, hit, strict=True) if h], pa.binary(KEY_BYTES)
+                ),
+            },
+            schema=self.schema,
+        )
+        with self.lock:
+            self.writer.write_table(table)
+            self.hits += table.num_rows
+        return rendered.select(~hit)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
 class ResultCache:
     """Reads and writes one namespace of the cache."""
 
@@ -245,3 +287,26 @@ def cache_report(store: ObjectStore, root: str) -> list[dict[str, Any]]:
         size = sum(store.size(u) for u in uris)
         rows.append({"namespace": name, "segments": len(uris), "entries": entries, "bytes": size})
     return rows
+
+
+def served_results(
+    cache: ResultCache, store: ObjectStore, hits_uri: str, now: datetime
+) -> pa.Table:
+    """The cached results of a run's hits, as result rows (custom_id of this run, attempt 0) with the
+    producing run in `cached_from_run`. A hit whose entry has since been pruned is left out (load then
+    dead-letters it as missing rather than serve something else)."""
+    hits = store.read_table(hits_uri)
+    entries = cache.read_entries(set(hits.column("cache_key").to_pylist()), None, now)
+    joined = hits.join(entries, keys="cache_key", join_type="inner")
+    schema = results_schema(cache.job.request)
+    n = joined.num_rows
+    columns: dict[str, Any] = {}
+    for field in schema:
+        if field.name == "attempt":
+            columns[field.name] = pa.array([0] * n, pa.int32())
+        elif field.name == "batch_id":
+            columns[field.name] = pa.nulls(n, pa.string())
+        else:
+            columns[field.name] = joined.column(field.name).cast(field.type)
+    columns["cached_from_run"] = joined.column("run_id")
+    return pa.table(columns, schema=schema.append(pa.field("cached_from_run", pa.string())))

@@ -53,8 +53,10 @@ def cost_records(
     failed: int,
     dead_lettered: int,
     loaded_at: str,
+    cached_usage_by_model: dict[str, dict[str, int]] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per run and model (a run with nothing billed still gets one row, at $0)."""
+    """One row per run and model (a run with nothing billed still gets one row, at $0). Rows served
+    from the result cache are not billed; what sending them again would have cost is `cache_avoided_*`."""
     from datetime import datetime
 
     job = manifest.job
@@ -62,16 +64,13 @@ def cost_records(
     attempts = max((s.attempt for s in manifest.shards), default=0)
     started = datetime.fromisoformat(manifest.created_at)
     duration = (datetime.fromisoformat(loaded_at) - started).total_seconds()
-    models = usage_by_model or {job.request.model: {}}
+    cached = cached_usage_by_model or {}
+    models = sorted(set(usage_by_model) | set(cached)) or [job.request.model]
     rows = []
-    for model, totals in sorted(models.items()):
-        usage = TokenUsage(
-            input_tokens=totals.get("input_tokens", 0),
-            cached_tokens=totals.get("cached_tokens", 0),
-            cache_write_tokens=totals.get("cache_write_tokens", 0),
-            output_tokens=totals.get("output_tokens", 0),
-            reasoning_tokens=totals.get("reasoning_tokens", 0),
-        )
+    for model in models:
+        totals = usage_by_model.get(model, {})
+        avoided = price_usage(_usage(cached.get(model, {})), table.price_for(model))
+        usage = _usage(totals)
         cost = price_usage(usage, table.price_for(model))
         estimate = manifest.estimate
         rows.append(
@@ -96,6 +95,9 @@ def cost_records(
                 "cost_batch_usd": float(cost.batch_usd),
                 "cost_standard_usd": float(cost.standard_usd),
                 "savings_usd": float(cost.savings_usd),
+                "requests_cached": cached.get(model, {}).get("lines", 0),
+                "cache_avoided_batch_usd": float(avoided.batch_usd),
+                "cache_avoided_standard_usd": float(avoided.standard_usd),
                 "estimated_cost_batch_usd": estimate.batch_usd if estimate else None,
                 "estimated_input_tokens": estimate.input_tokens if estimate else None,
                 "price_table_version": table.version,
@@ -119,4 +121,14 @@ def check_budget(manifest: RunManifest) -> None:
         f"run {manifest.run_id} is estimated at ${estimate.batch_usd:.2f} at batch prices, above "
         f"limits.max_cost_usd = ${budget:.2f}; nothing was submitted. Raise the budget, or select "
         "fewer rows (source.filter) or lower the request's max tokens."
+    )
+
+
+def _usage(totals: dict[str, int]) -> TokenUsage:
+    return TokenUsage(
+        input_tokens=totals.get("input_tokens", 0),
+        cached_tokens=totals.get("cached_tokens", 0),
+        cache_write_tokens=totals.get("cache_write_tokens", 0),
+        output_tokens=totals.get("output_tokens", 0),
+        reasoning_tokens=totals.get("reasoning_tokens", 0),
     )

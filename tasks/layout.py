@@ -42,6 +42,10 @@ class RunLayout:
         return join_uri(self.run_dir, "errors", f"attempt-{attempt}", f"shard-{index:05d}.parquet")
 
     @property
+    def cache_hits(self) -> str:
+        return join_uri(self.run_dir, "requests", "cache-hits.parquet")
+
+    @property
     def dead_letter(self) -> str:
         return join_uri(self.run_dir, "dead_letter.parquet")
 

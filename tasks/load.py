@@ -6,6 +6,7 @@ none: permanent error, retries exhausted, or never came back)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from schemas.tables import (
     output_fields,
     results_schema,
 )
+from tasks.cache import ResultCache, served_results
 from tasks.layout import output_file
 from tasks.prepare import (
     filter_columns,
@@ -37,9 +39,17 @@ from tasks.storage import ObjectStore
 
 @dataclass
 class Outcomes:
-    results: pa.Table  # one row per succeeded custom_id
+    results: pa.Table  # one row per succeeded custom_id (sent by this run)
     errors: pa.Table  # every error row of every attempt
     prepared_ids: set[str]
+    cached: pa.Table | None = None  # rows served from the result cache (results + cached_from_run)
+
+    def all_results(self) -> pa.Table:
+        """Fresh and cached results together, `cached_from_run` null for the fresh ones."""
+        fresh = self.results.append_column(
+            "cached_from_run", pa.nulls(self.results.num_rows, pa.string())
+        )
+        return fresh if self.cached is None else pa.concat_tables([fresh, self.cached])
 
 
 def gather_outcomes(manifest: RunManifest, store: ObjectStore) -> Outcomes:
@@ -52,6 +62,16 @@ def gather_outcomes(manifest: RunManifest, store: ObjectStore) -> Outcomes:
         if shard.attempt == 1:
             ids = store.read_table(layout.ids_file(shard.attempt, shard.index))
             prepared.update(ids.column("custom_id").to_pylist())
+    cached = None
+    if manifest.cache_hits_uri:
+        cached = served_results(
+            ResultCache(store, manifest.job.storage_root, manifest.job),
+            store,
+            manifest.cache_hits_uri,
+            datetime.now(UTC),
+        )
+        hit_ids = store.read_table(manifest.cache_hits_uri, columns=["custom_id"]).column(0)
+        prepared.update(hit_ids.to_pylist())
     results_table = (
         pa.concat_tables([t.cast(schema) for t in results]) if results else schema.empty_table()
     )
@@ -60,7 +80,7 @@ def gather_outcomes(manifest: RunManifest, store: ObjectStore) -> Outcomes:
         if errors
         else ERRORS_SCHEMA.empty_table()
     )
-    return Outcomes(results_table, errors_table, prepared)
+    return Outcomes(results_table, errors_table, prepared, cached)
 
 
 def succeeded_ids_and_errors(
@@ -122,7 +142,7 @@ def write_output(manifest: RunManifest, store: ObjectStore) -> LoadSummary:
     layout = manifest_layout(manifest)
     outcomes = gather_outcomes(manifest, store)
     errors = last_errors(outcomes.errors)
-    results = outcomes.results
+    results = outcomes.all_results()
     index = {cid: i for i, cid in enumerate(results.column("custom_id").to_pylist())}
     dataset = open_source(job, store)
     copied = source_columns(job, dataset.schema)
@@ -162,14 +182,17 @@ def write_output(manifest: RunManifest, store: ObjectStore) -> LoadSummary:
             n = rows.num_rows
             arrays = [rows.column(c) for c in columns]
             arrays += [taken.column(name) for name in result_names]
+            cached_from = taken.column("cached_from_run")
+            status = pc.if_else(pc.is_null(cached_from), "succeeded", "cached")
             arrays += [
                 pa.array([manifest.run_id] * n, pa.string()),
                 taken.column("custom_id"),
                 taken.column("model"),
-                pa.array(["succeeded"] * n, pa.string()),
+                status,
                 taken.column("finish_reason"),
                 taken.column("attempt"),
                 taken.column("batch_id"),
+                cached_from,
             ]
             writer.write_table(
                 pa.Table.from_arrays([_chunked(a) for a in arrays], schema=out_schema)
@@ -186,9 +209,17 @@ def _chunked(array: Any) -> pa.ChunkedArray:
 
 def billed_usage_by_model(outcomes: Outcomes) -> dict[str, dict[str, int]]:
     """Token totals of every billed line (succeeded, or completed with invalid output), per model."""
-    billed_errors = outcomes.errors.filter(pc.field("billed"))
+    return usage_by_model([outcomes.results, outcomes.errors.filter(pc.field("billed"))])
+
+
+def cached_usage_by_model(outcomes: Outcomes) -> dict[str, dict[str, int]]:
+    """Token totals of the rows served from the cache: what they would have cost to send again."""
+    return usage_by_model([outcomes.cached] if outcomes.cached is not None else [])
+
+
+def usage_by_model(tables: list[pa.Table]) -> dict[str, dict[str, int]]:
     usage: dict[str, dict[str, int]] = {}
-    for table in (outcomes.results, billed_errors):
+    for table in tables:
         if table.num_rows == 0:
             continue
         grouped = table.group_by("model").aggregate(

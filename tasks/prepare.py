@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 from schemas.job import JobSpec
 from schemas.manifest import Shard
 from schemas.tables import IDS_SCHEMA, LINEAGE_FIELDS, output_fields
+from tasks.cache import CacheIndex, HitRecorder
 from tasks.errors import BadInputError
 from tasks.layout import RunLayout
 from tasks.render import RenderedBatch, RequestRenderer, custom_id_for
@@ -489,6 +490,7 @@ class PrepareResult:
     shards: list[Shard]
     rows: int
     tokens_exact: bool = True  # False: shard input_tokens are sampled estimates (see tasks.tokens)
+    cache_hits: int = 0  # rows served from the result cache: recorded in hits_uri, not in any shard
 
 
 def _check_ids(batch: pa.RecordBatch, id_column: str) -> None:
@@ -556,7 +558,11 @@ def _id_hashes(custom_ids: pa.Array) -> np.ndarray:
 
 
 def write_shards(
-    job: JobSpec, store: ObjectStore, layout: RunLayout, attempt: int = 1
+    job: JobSpec,
+    store: ObjectStore,
+    layout: RunLayout,
+    attempt: int = 1,
+    cache_index: CacheIndex | None = None,
 ) -> PrepareResult:
     """Validate, render and pack every selected row. Raises BadInputError on bad input.
 
@@ -574,15 +580,24 @@ def write_shards(
     id_column = job.source.id_column
     hashes: list[np.ndarray] = []
     rows = 0
-    in_flight: deque[Future[tuple[RenderedBatch, Callable[[], np.ndarray]]]] = deque()
+    in_flight: deque[Future[tuple[RenderedBatch, Callable[[], np.ndarray], pa.Array]]] = deque()
+    hits_file = contextlib.ExitStack()
+    hits: HitRecorder | None = None
+    if cache_index is not None and len(cache_index):
+        hits = HitRecorder(
+            cache_index, hits_file.enter_context(store.open_atomic(layout.cache_hits))
+        )
 
-    def render(batch: pa.RecordBatch) -> tuple[RenderedBatch, Callable[[], np.ndarray]]:
+    def render(batch: pa.RecordBatch) -> tuple[RenderedBatch, Callable[[], np.ndarray], pa.Array]:
         rendered = renderer.render_batch(batch, id_column)
-        return rendered, tokens.submit(rendered)
+        every_id = rendered.custom_ids
+        if hits is not None:  # rows whose exact request succeeded before are not sent again
+            rendered = hits.split(rendered)
+        return rendered, tokens.submit(rendered), every_id
 
     def pack_oldest() -> None:
-        rendered, counted = in_flight.popleft().result()
-        hashes.append(_id_hashes(rendered.custom_ids))
+        rendered, counted, every_id = in_flight.popleft().result()
+        hashes.append(_id_hashes(every_id))
         packer.add_rendered(rendered, counted())
 
     try:
@@ -599,15 +614,22 @@ def write_shards(
         if len(dupes):
             raise _duplicate_error(dataset, id_column, expression, set(dupes.tolist()), job)
         shards = packer.finish()
-    except BaseException:
+        if hits is not None:
+            hits.close()
+    except BaseException as exc:
         for future in in_flight:
             future.cancel()
         packer.abort()
+        render_pool.shutdown(wait=True, cancel_futures=True)
+        hits_file.__exit__(type(exc), exc, exc.__traceback__)  # discards the partial hits file
         raise
     finally:
         render_pool.shutdown(wait=True, cancel_futures=True)
         tokens.close()
-    return PrepareResult(shards=shards, rows=rows, tokens_exact=not sampled)
+    hits_file.close()
+    return PrepareResult(
+        shards=shards, rows=rows, tokens_exact=not sampled, cache_hits=hits.hits if hits else 0
+    )
 
 
 def _duplicate_error(

@@ -169,6 +169,31 @@ class RenderedBatch:
     def __len__(self) -> int:
         return len(self.lengths)
 
+    def line(self, i: int) -> bytes:
+        """The bytes of line i (newline included)."""
+        if self.lines is not None:
+            return self.lines[i]
+        assert self.data is not None
+        offsets = value_offsets(self.data)
+        return bytes(memoryview(self.data.buffers()[2])[offsets[i] : offsets[i + 1]])
+
+    def select(self, keep: np.ndarray) -> RenderedBatch:
+        """The lines where `keep` is true, in order."""
+        mask = pa.array(keep, pa.bool_())
+        return RenderedBatch(
+            custom_ids=self.custom_ids.filter(mask),
+            lengths=self.lengths[keep],
+            data=self.data.filter(mask) if self.data is not None else None,
+            texts=self.texts.filter(mask) if self.texts is not None else None,
+            text_lengths=self.text_lengths[keep] if self.text_lengths is not None else None,
+            lines=[x for x, k in zip(self.lines, keep, strict=True) if k]
+            if self.lines is not None
+            else None,
+            bodies=[x for x, k in zip(self.bodies, keep, strict=True) if k]
+            if self.bodies is not None
+            else None,
+        )
+
     def chunk(self, start: int, stop: int) -> bytes | memoryview:
         """The JSONL bytes of lines [start, stop) (a view into the batch's buffer: no copy)."""
         if self.lines is not None:

@@ -11,6 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from schemas.job import JobSpec
 from schemas.manifest import Shard, ShardCounts
 from tasks.batch_api import BatchApi, BatchInfo
+from tasks.cache import CacheIndex
 from tasks.collect import collect_shard
 from tasks.errors import TransientError
 from tasks.layout import RunLayout
@@ -35,8 +36,10 @@ RETRY_DELAYS: list[float] = [2, 10, 30]
 
 
 @task(name="write-shards", cache_policy=NO_CACHE)
-def write_shards_task(job: JobSpec, store: ObjectStore, layout: RunLayout) -> PrepareResult:
-    return write_shards(job, store, layout)
+def write_shards_task(
+    job: JobSpec, store: ObjectStore, layout: RunLayout, cache_index: CacheIndex | None = None
+) -> PrepareResult:
+    return write_shards(job, store, layout, cache_index=cache_index)
 
 
 @task(
