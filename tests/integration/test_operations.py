@@ -95,6 +95,7 @@ def test_costs_by_job_day_and_tag_and_estimates_learn_from_past_runs(
     job_file: tuple[Any, Path], emulator: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
     job, path = job_file
+    job = job.model_copy(update={"cache": job.cache.model_copy(update={"enabled": False})})
     first = pipeline(job, run_date="2026-11-23", poll_interval_seconds=0.1)
     second = pipeline(job, run_date=RUN_DATE, poll_interval_seconds=0.1)
     store = ObjectStore()
