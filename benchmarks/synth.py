@@ -13,6 +13,7 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -32,20 +33,20 @@ noise cancellation pairing bluetooth USB-C HDMI Wi-Fi app control mode modes set
 temperature speed power capacity size sizes colour colours black white grey blue green red silver
 warranty guarantee package box manual instructions care wash dishwasher-safe machine-washable
 customers reviews love recommend gift family kids adults pets people hours minutes days weeks months
-years times every each any most best better great good excellent amazing""".split()
+years times every each any most best better great good excellent amazing""".split()  # noqa: SIM905
 
 _EUROPEAN = """der die das und mit für ein eine ist nicht auch sehr gut Qualität Größe Farbe schön
 le la les et avec pour un une est pas très bien qualité taille couleur élégant pratique léger
 el los las con para muy bueno calidad tamaño también diseño cómodo fácil función garantía
 über während Gerät Zubehör Lieferumfang Oberfläche Geräuschpegel Akku Ladegerät Stück
-été à où ça déjà façon matériau écran réglable étanche économique""".split()
+été à où ça déjà façon matériau écran réglable étanche économique""".split()  # noqa: SIM905
 
 _CJK = "的一是不了人我在有他这中大来上个国到说们为子和你地出道也时年得就那要下以生会自着去之过家学对可里后小么心多天而能好都然没日于起还发成事只作当想看文无开手十用主行方又如前所本见经头面公同三已老从动两长知民样现分将外但身些与高意进把法此实回二理美点月明其种声全工己话儿者向情部正名定女问力机给等几很业最间新什打便位因重被走电四第门相次东政海口使教西再平真听世气信北少关并内加化由却代军产入先山五太水万市眼体别处总才场师书比住员九笑性通目华报立马命张活难神数件安表原车白应路期叫死常提感金何更反合放做系计或司利受光王果亲界及今京务制解各任至清物台象记边共风战干接它许八特觉望直服毛林题建南度统色字请交爱让认算论百吃义科怎元社术结六功指思非流每青管夫连远资队跑"
 
 _EMOJI = "😀😂🥰😍🤩🙌👍🔥✨💯🎉❤️💙🌟🚀📦🛒💡⭐️🤔😅🙏👏💪🎁🏆📱💻🎧"
 
 _NUMBERY = """SKU ref model ver rev pack qty lot no. mm cm kg g ml l W V mAh GB TB Hz dB x
-#""".split()
+#""".split()  # noqa: SIM905
 
 
 def _zipf_weights(n: int, s: float = 1.05) -> np.ndarray:
@@ -123,9 +124,7 @@ def corpus(shape: str, seed: int, words: int = 400_000) -> str:
         out = []
         for word in eng:
             r = rng.random()
-            out.append(
-                word.upper() if r < 0.05 else f"#{word}" if r < 0.09 else word
-            )
+            out.append(word.upper() if r < 0.05 else f"#{word}" if r < 0.09 else word)
             if r > 0.9:
                 out.append(str(rng.choice(emoji)) * int(rng.integers(1, 4)))
         return " ".join(out)
@@ -209,3 +208,104 @@ def write_products(
     writer.close()
     tmp.replace(path)
     return path
+
+
+# ---- Batch API output and error lines ------------------------------------------------------------
+
+_WORDS = _ENGLISH[:200]
+
+
+def chat_output_lines(
+    custom_ids: list[str],
+    seed: int = 1,
+    model: str = "gpt-4o-mini-2024-07-18",
+    errors: float = 0.01,
+) -> Iterator[bytes]:
+    """Batch API output lines (newline-terminated) answering chat requests with a small structured
+    output ({"summary", "audience", "score"}), as OpenAI writes them; a fraction `errors` are HTTP
+    errors (429 and 500) instead."""
+    rng = np.random.default_rng(seed)
+    words = np.array(_WORDS, dtype=object)
+    for i, custom_id in enumerate(custom_ids):
+        request_id = f"req_{seed:04x}{i:028x}"
+        if rng.random() < errors:
+            status, code = (429, "rate_limit_exceeded") if rng.random() < 0.5 else (500, None)
+            body: dict[str, object] = {
+                "error": {
+                    "message": "Rate limit reached" if code else "The server had an error",
+                    "type": "requests" if code else "server_error",
+                    "param": None,
+                    "code": code,
+                }
+            }
+        else:
+            status = 200
+            summary = " ".join(words[rng.integers(0, len(words), int(rng.integers(8, 30)))])
+            content = orjson.dumps(
+                {"summary": summary, "audience": str(words[int(rng.integers(0, 50))]),
+                 "score": int(rng.integers(1, 10))}
+            ).decode()  # fmt: skip
+            prompt, completion = int(rng.integers(300, 700)), int(rng.integers(20, 60))
+            body = {
+                "id": f"chatcmpl-{seed:04x}{i:025x}",
+                "object": "chat.completion",
+                "created": 1_764_000_000 + i,
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {
+                            "role": "assistant",
+                            "content": content,
+                            "refusal": None,
+                            "annotations": [],
+                        },
+                        "logprobs": None,
+                        "finish_reason": "stop",
+                    }
+                ],  # fmt: skip
+                "usage": {
+                    "prompt_tokens": prompt,
+                    "completion_tokens": completion,
+                    "total_tokens": prompt + completion,
+                    "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+                    "completion_tokens_details": {
+                        "reasoning_tokens": 0,
+                        "audio_tokens": 0,
+                        "accepted_prediction_tokens": 0,
+                        "rejected_prediction_tokens": 0,
+                    },  # fmt: skip
+                },
+                "service_tier": "default",
+                "system_fingerprint": "fp_b376dfbbd5",
+            }
+        line = {
+            "id": f"batch_req_{seed:04x}{i:028x}",
+            "custom_id": custom_id,
+            "response": {"status_code": status, "request_id": request_id, "body": body},
+            "error": None,
+        }
+        yield orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
+
+
+def embedding_output_lines(
+    custom_ids: list[str], dimensions: int, seed: int = 1, model: str = "text-embedding-3-small"
+) -> Iterator[bytes]:
+    """Batch API output lines answering embedding requests with `dimensions`-float vectors."""
+    rng = np.random.default_rng(seed)
+    for i, custom_id in enumerate(custom_ids):
+        vector = rng.standard_normal(dimensions).astype(np.float32)
+        prompt = int(rng.integers(20, 200))
+        body = {
+            "object": "list",
+            "data": [{"object": "embedding", "index": 0, "embedding": vector}],
+            "model": model,
+            "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
+        }
+        line = {
+            "id": f"batch_req_{seed:04x}{i:028x}",
+            "custom_id": custom_id,
+            "response": {"status_code": 200, "request_id": f"req_{i:032x}", "body": body},
+            "error": None,
+        }
+        yield orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE | orjson.OPT_SERIALIZE_NUMPY)

@@ -1,15 +1,22 @@
 """collect: stream a terminal batch's output and error files into results/errors Parquet.
 
 Both files are optional (null when empty, or when every line failed). Lines are joined on custom_id
-against the shard's id sidecar, so lines that never came back are found and recorded as `missing`."""
+against the shard's id sidecar, so lines that never came back are found and recorded as `missing`.
+
+Memory stays bounded whatever the file size (an embeddings output file is GBs): each file is spooled
+to local disk, then read in chunks of about CHUNK_BYTES; each chunk is parsed into Arrow columns
+(`LineParser.read_lines` / `parse_table`) and appended to the Parquet file as a row group."""
 
 from __future__ import annotations
 
 import tempfile
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from typing import IO, Any
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,16 +30,23 @@ from tasks.parse import LineParser
 from tasks.storage import ObjectStore
 
 FLUSH_ROWS = 2000
+CHUNK_BYTES = 8 << 20  # a chunk of an output file parsed at once
+READ_AHEAD = 3  # chunks parsed ahead, on READ_THREADS other threads
+READ_THREADS = 2
+WRITE_AHEAD = 2  # tables queued for a sink's writer thread
 
 
 class _TableSink:
-    """Buffers rows and writes them to one Parquet file in row groups."""
+    """Buffers rows and writes them to one Parquet file in row groups, on a background thread
+    (Parquet encoding and compression release the GIL), at most WRITE_AHEAD tables queued."""
 
     def __init__(self, handle: IO[bytes], schema: pa.Schema) -> None:
         self.schema = schema
         self.writer = pq.ParquetWriter(handle, schema, compression="zstd")
         self.rows: list[dict[str, Any]] = []
         self.count = 0
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="nightbatch-sink")
+        self.pending: deque[Future[None]] = deque()
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -40,14 +54,30 @@ class _TableSink:
         if len(self.rows) >= FLUSH_ROWS:
             self.flush()
 
+    def add_table(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self.flush()
+            self._write(table)
+            self.count += table.num_rows
+
     def flush(self) -> None:
         if self.rows:
-            self.writer.write_table(pa.Table.from_pylist(self.rows, schema=self.schema))
+            self._write(pa.Table.from_pylist(self.rows, schema=self.schema))
             self.rows = []
 
+    def _write(self, table: pa.Table) -> None:
+        self.pending.append(self.pool.submit(self.writer.write_table, table))
+        while len(self.pending) > WRITE_AHEAD:
+            self.pending.popleft().result()
+
     def close(self) -> None:
-        self.flush()
-        self.writer.close()
+        try:
+            self.flush()
+            while self.pending:
+                self.pending.popleft().result()
+            self.writer.close()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _iter_lines(handle: IO[bytes]) -> Iterator[dict[str, Any]]:
@@ -55,6 +85,43 @@ def _iter_lines(handle: IO[bytes]) -> Iterator[dict[str, Any]]:
     for raw in handle:
         if raw.strip():
             yield orjson.loads(raw)
+
+
+def _iter_chunks(handle: IO[bytes], size: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """The file in pieces of about `size` bytes, each ending at the end of a line."""
+    handle.seek(0)
+    rest = b""
+    while block := handle.read(size):
+        block = rest + block
+        cut = block.rfind(b"\n") + 1
+        rest = block[cut:]
+        if cut:
+            yield block[:cut]
+    if rest.strip():
+        yield rest
+
+
+class _Expected:
+    """The shard's custom_ids, and which of them a line was already kept for: a line counts only
+    if its custom_id belongs to the shard and is not a repeat (the first one wins)."""
+
+    def __init__(self, custom_ids: list[str]) -> None:
+        self.ids = custom_ids
+        self.index = {cid: i for i, cid in enumerate(custom_ids)}
+        self.seen = np.zeros(len(custom_ids), bool)
+
+    def keep(self, custom_id: Any) -> bool:
+        i = self.index.get(custom_id) if isinstance(custom_id, str) else None
+        if i is None or self.seen[i]:
+            return False
+        self.seen[i] = True
+        return True
+
+    def keep_all(self, custom_ids: list[Any]) -> np.ndarray:
+        return np.fromiter(map(self.keep, custom_ids), bool, len(custom_ids))
+
+    def never_seen(self) -> list[str]:
+        return [self.ids[i] for i in np.flatnonzero(~self.seen)]
 
 
 def shard_custom_ids(store: ObjectStore, layout: RunLayout, shard: Shard) -> list[str]:
@@ -83,40 +150,77 @@ def collect_shard(
     parser = LineParser(job.request, shard.attempt, shard.batch_id)
     results_uri = layout.results_file(shard.attempt, shard.index)
     errors_uri = layout.errors_file(shard.attempt, shard.index)
-    expected_set = set(expected)
-    seen: set[str] = set()
+    lines = _Expected(expected)
     counts = ShardCounts(lines=len(expected))
     with ExitStack() as stack:
         results = _TableSink(
             stack.enter_context(store.open_atomic(results_uri)), results_schema(job.request)
         )
         errors = _TableSink(stack.enter_context(store.open_atomic(errors_uri)), ERRORS_SCHEMA)
+        for sink in (results, errors):
+            stack.callback(sink.pool.shutdown, cancel_futures=True)
         if shard.batch_status == "failed":
             code, message, retryable = batch_failure(shard)
             for custom_id in expected:
                 errors.add(parser.batch_failed(custom_id, code, message, retryable))
-            seen.update(expected)
+            lines.keep_all(list(expected))
             counts.retryable += len(expected) if retryable else 0
         for file_id in (shard.output_file_id, shard.error_file_id):
             if not file_id:
                 continue
             spool = stack.enter_context(tempfile.TemporaryFile())
             api.download(file_id, spool)
-            for line in _iter_lines(spool):
-                custom_id = line.get("custom_id")
-                if custom_id not in expected_set or custom_id in seen:
-                    continue
-                seen.add(custom_id)
-                kind, row = parser.parse(line)
-                (results if kind == "result" else errors).add(row)
-                counts.retryable += 1 if kind == "error" and row["retryable"] else 0
-        for custom_id in expected:
-            if custom_id not in seen:
-                errors.add(parser.missing(custom_id))
-                counts.missing += 1
-                counts.retryable += 1
+            for chunk, table in _read_ahead(parser, _iter_chunks(spool)):
+                for row in _collect_chunk(parser, chunk, table, lines, results):
+                    errors.add(row)
+                    counts.retryable += 1 if row["retryable"] else 0
+        for custom_id in lines.never_seen():
+            errors.add(parser.missing(custom_id))
+            counts.missing += 1
+            counts.retryable += 1
         results.close()
         errors.close()
     counts.succeeded = results.count
     counts.failed = errors.count
     return results_uri, errors_uri, counts
+
+
+def _read_ahead(
+    parser: LineParser, chunks: Iterator[bytes]
+) -> Iterator[tuple[bytes, pa.Table | None]]:
+    """Each chunk with its lines read by Arrow (`LineParser.read_lines`), read on background
+    threads READ_AHEAD chunks ahead: the JSON reader releases the GIL, so it overlaps the rest."""
+    with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="nightbatch-collect") as pool:
+        pending: deque[tuple[bytes, Future[pa.Table | None]]] = deque()
+        for chunk in chunks:
+            pending.append((chunk, pool.submit(parser.read_lines, chunk)))
+            if len(pending) > READ_AHEAD:
+                done, future = pending.popleft()
+                yield done, future.result()
+        while pending:
+            done, future = pending.popleft()
+            yield done, future.result()
+
+
+def _collect_chunk(
+    parser: LineParser,
+    chunk: bytes,
+    table: pa.Table | None,
+    lines: _Expected,
+    results: _TableSink,
+) -> list[dict[str, Any]]:
+    """Parse one chunk: results go to the sink, error rows are returned."""
+    if table is None:  # a line of another shape: this chunk line by line
+        errors = []
+        for line in (orjson.loads(raw) for raw in chunk.split(b"\n") if raw.strip()):
+            if lines.keep(line.get("custom_id")):
+                kind, row = parser.parse(line)
+                if kind == "result":
+                    results.add(row)
+                else:
+                    errors.append(row)
+        return errors
+    keep = lines.keep_all(table.column("custom_id").to_pylist())
+    found, errors = parser.parse_table(table.filter(pa.array(keep)))
+    results.add_table(found)
+    return errors

@@ -255,3 +255,149 @@ def test_bulk_packing_packs_exactly_as_line_by_line(tmp_path: Path, limits: dict
     assert all(
         s.sha256 == hashlib.sha256(f).hexdigest() for s, f in zip(bulk, bulk_files, strict=True)
     )
+
+
+# ---- collect: chunks of output lines parse as line-by-line parsing does ---------------------------
+
+SCHEMA_SPEC = RequestSpec(
+    model="gpt-4o-mini",
+    template="{t}",
+    output_schema={
+        "type": "object",
+        "properties": {
+            "label": {"type": "string"},
+            "score": {"type": "integer"},
+            "weight": {"type": "number"},
+            "ok": {"type": "boolean"},
+            "tags": {"type": "array", "items": {"type": "string"}},
+            "extra": {"type": "object", "properties": {"x": {"type": "integer"}}},
+        },
+    },
+)
+GOOD = {"label": "a", "score": 3, "weight": 1.5, "ok": True, "tags": ["x"], "extra": {"x": 1}}
+
+
+def _chat_line(custom_id: str, content: Any = None, **over: Any) -> dict[str, Any]:
+    message = {"role": "assistant", "content": content, "refusal": over.pop("refusal", None)}
+    body: dict[str, Any] = {
+        "id": "chatcmpl-1",
+        "model": over.pop("model", "gpt-4o-mini-2024-07-18"),
+        "choices": over.pop(
+            "choices",
+            [{"index": 0, "message": message, "finish_reason": over.pop("finish", "stop")}],
+        ),
+        "usage": over.pop(
+            "usage",
+            {
+                "prompt_tokens": 10,
+                "completion_tokens": 5,
+                "prompt_tokens_details": {"cached_tokens": 2},
+                "completion_tokens_details": {"reasoning_tokens": 1},
+            },
+        ),
+    }
+    return {
+        "id": "batch_req_1",
+        "custom_id": custom_id,
+        "response": {"status_code": over.pop("status", 200), "body": body},
+        "error": None,
+    }
+
+
+def _chat_lines() -> list[dict[str, Any]]:
+    def text(value: Any) -> str:
+        return orjson.dumps(value).decode()
+
+    lines = [_chat_line(f"ok-{i}", text({**GOOD, "score": i})) for i in range(50)]
+    odd: list[dict[str, Any]] = [
+        _chat_line("pretty", orjson.dumps(GOOD, option=orjson.OPT_INDENT_2).decode()),
+        _chat_line("not-json", '{"label": "a", '),
+        _chat_line("missing", text({k: v for k, v in GOOD.items() if k != "score"})),
+        _chat_line("null-value", text({**GOOD, "label": None})),
+        _chat_line("float-for-int", text({**GOOD, "score": 3.0})),
+        _chat_line("int-for-float", text({**GOOD, "weight": 2})),
+        _chat_line("number-for-string", text({**GOOD, "label": 7})),
+        _chat_line("one-for-bool", text({**GOOD, "ok": 1})),
+        _chat_line("list", text([GOOD])),
+        _chat_line("refused", text(GOOD), refusal="I can't"),
+        _chat_line("empty-refusal", text(GOOD), refusal=""),
+        _chat_line("no-choices", text(GOOD), choices=[]),
+        _chat_line("null-choices", text(GOOD), choices=None),
+        _chat_line("null-content", None),
+        _chat_line("empty-content", ""),
+        _chat_line("truncated", '{"label": "a", "sc', finish="length"),
+        _chat_line("no-usage", text(GOOD), usage=None),
+        _chat_line("partial-usage", text(GOOD), usage={"prompt_tokens": 4}),
+        _chat_line("unicode", text({**GOOD, "label": 'é 😀 \u2028 \\ "'})),
+        _chat_line("null-model", text(GOOD), model=None),
+        _chat_line("extra-keys", text({**GOOD, "more": [1, 2]})),
+        {
+            "custom_id": "expired",
+            "response": None,
+            "error": {"code": "batch_expired", "message": "x"},
+        },
+        {"custom_id": "no-error", "response": None, "error": None},
+    ]
+    for status, code in ((429, "rate_limit_exceeded"), (429, "insufficient_quota"), (500, None),
+                         (400, "context_length_exceeded"), (408, None)):  # fmt: skip
+        line = _chat_line(f"http-{status}-{code}", None, status=status)
+        line["response"]["body"] = {"error": {"message": "m", "type": "t", "code": code}}
+        odd.append(line)
+    return lines[:20] + odd + lines[20:]
+
+
+def _by_line(parser: Any, lines: list[dict[str, Any]]) -> tuple[list[Any], list[Any]]:
+    results, errors = [], []
+    for line in lines:
+        kind, row = parser.parse(line)
+        (results if kind == "result" else errors).append(row)
+    return results, errors
+
+
+def _sorted(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(rows, key=lambda r: r["custom_id"])
+
+
+@pytest.mark.parametrize("schema", [True, False])
+def test_chunk_parsing_classifies_every_line_as_line_parsing(schema: bool) -> None:
+    from tasks.parse import LineParser
+
+    spec = SCHEMA_SPEC if schema else RequestSpec(model="gpt-4o-mini", template="{t}")
+    parser = LineParser(spec, 2, "batch_1")
+    lines = _chat_lines()
+    data = b"\n".join(orjson.dumps(line) for line in lines) + b"\n\n"
+    table = parser.read_lines(data)
+    assert table is not None and table.num_rows == len(lines)
+    results, errors = parser.parse_table(table)
+    assert results.schema == parser.schema
+    want_results, want_errors = _by_line(parser, lines)
+    want_table = pa.Table.from_pylist(want_results, schema=parser.schema)
+    assert _sorted(results.to_pylist()) == _sorted(want_table.to_pylist())
+    assert _sorted(errors) == _sorted(want_errors)
+    assert len(results) + len(errors) == len(lines)
+
+
+def test_chunk_parsing_of_embeddings_and_fallbacks() -> None:
+    from benchmarks.synth import embedding_output_lines
+    from tasks.parse import LineParser
+
+    spec = RequestSpec(endpoint="/v1/embeddings", model="text-embedding-3-small", template="{t}")
+    parser = LineParser(spec, 1, "b")
+    raw = list(embedding_output_lines([f"e-{i}" for i in range(30)], 8))
+    lines = [orjson.loads(line) for line in raw]
+    lines[3]["response"]["body"]["data"] = []
+    lines[4]["response"]["body"]["data"][0]["embedding"] = None
+    table = parser.read_lines(b"".join(orjson.dumps(line) + b"\n" for line in lines))
+    assert table is not None
+    results, errors = parser.parse_table(table)
+    want_results, want_errors = _by_line(parser, lines)
+    want = pa.Table.from_pylist(want_results, schema=parser.schema)
+    assert _sorted(results.to_pylist()) == _sorted(want.to_pylist())
+    assert _sorted(errors) == _sorted(want_errors) and len(errors) == 2
+    base64_line = dict(lines[0], custom_id="b64")
+    base64_line["response"] = {"status_code": 200, "body": {"data": [{"embedding": "AAAA"}]}}
+    assert parser.read_lines(orjson.dumps(base64_line)) is None  # another shape: line by line
+    chat = LineParser(RequestSpec(model="m", template="{t}"), 1, "b")
+    assert chat.read_lines(b'{"custom_id": 5}\n') is None
+    responses = LineParser(RequestSpec(endpoint="/v1/responses", model="m", template="{t}"), 1, "b")
+    assert responses.read_lines(raw[0]) is None
