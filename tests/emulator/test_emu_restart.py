@@ -173,9 +173,12 @@ def test_cli_process_restart_mid_batch(tmp_path: Path, kit) -> None:
             return counts.completed + counts.failed >= 8
 
         kit.wait_until(progressed)
+        at_stop = client.batches.retrieve(batch.id)
         client.close()
     finally:
         assert _stop_cli(proc) == 0
+    assert at_stop.status == "in_progress"  # stopped mid-batch
+    assert at_stop.request_counts is not None and at_stop.request_counts.completed < 50
 
     # second process on the same state dir: a faults-only YAML file and a faster clock
     proc, base_url = _start_cli(
@@ -184,8 +187,9 @@ def test_cli_process_restart_mid_batch(tmp_path: Path, kit) -> None:
     try:
         client = OpenAI(base_url=base_url, api_key="test-key", max_retries=0)
         resumed = client.batches.retrieve(batch.id)
-        assert resumed.status == "in_progress"
-        assert 8 <= resumed.request_counts.completed + resumed.request_counts.failed < 50
+        # at 3000x the rest may already be done when the new process answers: either is fine
+        assert resumed.status in ("in_progress", "finalizing", "completed")
+        assert resumed.request_counts.completed + resumed.request_counts.failed >= 8
         done = kit.wait(client, batch.id)
         errors = kit.read(client, done.error_file_id)
         output = kit.read(client, done.output_file_id)

@@ -108,6 +108,11 @@ def test_expired_batch_keeps_its_partial_output_and_retries_the_rest(
     stats = emulator.stats()
     assert stats["batches"]["by_status"] == {"expired": 1, "completed": 1}
     assert_one_batch_per_shard_attempt(stats)
+    # the expired batch's finished lines are billed once, with the resent ones: every row once
+    manifest = load_manifest(ObjectStore(), layout_for(job, RUN_DATE))
+    record = pq.read_table(manifest.cost_record_uri).to_pylist()[0]
+    assert record["billed_lines"] == stats["usage"]["gpt-4o-mini"]["requests"] == ROWS
+    assert record["input_tokens"] == stats["usage"]["gpt-4o-mini"]["input_tokens"]
 
 
 def test_cancelled_batch_keeps_its_partial_output_and_retries_the_rest(

@@ -161,6 +161,12 @@ def test_embeddings_end_to_end_on_moto_s3(tmp_path: Path, emulator: Any, s3_env:
     out = read_output(result["output"])
     assert out.num_rows == 40
     assert out.schema.field("embedding").type == pa.list_(pa.float32())
+    record = read_output(result["cost_record"]).to_pylist()[0]
+    billed = emulator.stats()["usage"]["text-embedding-3-small"]
+    assert record["input_tokens"] == billed["input_tokens"] == record["estimated_input_tokens"]
+    assert record["output_tokens"] == 0 and record["cost_batch_usd"] == pytest.approx(
+        billed["input_tokens"] * 0.01 / 1e6
+    )
     assert {len(v) for v in out.column("embedding").to_pylist()} == {64}
     assert store.exists(f"{bucket}/nightbatch/runs/product-embeddings/{RUN_DATE}/manifest.json")
     assert store.exists(f"{bucket}/nightbatch/costs/product-embeddings__{RUN_DATE}.parquet")
