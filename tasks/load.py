@@ -1,17 +1,29 @@
 """load: join results to source rows and write the enriched dataset atomically, plus the dead letter.
 
 Every selected row ends exactly once in the output (it has a result) or in the dead letter (it has
-none: permanent error, retries exhausted, or never came back)."""
+none: permanent error, retries exhausted, or never came back).
+
+Memory stays bounded as runs grow: a run whose outcomes fit in one bucket (LOAD_BUCKET_ROWS rows and
+LOAD_BUCKET_BYTES of results) is joined in memory while the source streams past, and its output keeps
+the source's row order. A larger run is hash-partitioned by custom_id: results, errors, prepared ids
+and source rows are spilled to local Arrow IPC files, one per bucket, and joined bucket by bucket,
+so only one bucket's results (never all the vectors of an embeddings run) are in memory at a time;
+its output comes bucket by bucket (in source order within a bucket)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from schemas.manifest import RunManifest
@@ -32,7 +44,7 @@ from tasks.prepare import (
     source_columns,
     source_filter,
 )
-from tasks.render import custom_id_for
+from tasks.render import custom_ids_for
 from tasks.runs import manifest_layout
 from tasks.storage import ObjectStore
 
@@ -52,10 +64,23 @@ class Outcomes:
         return fresh if self.cached is None else pa.concat_tables([fresh, self.cached])
 
 
-def gather_outcomes(manifest: RunManifest, store: ObjectStore) -> Outcomes:
+def gather_outcomes(
+    manifest: RunManifest, store: ObjectStore, with_outputs: bool = True
+) -> Outcomes:
+    """Every outcome of a run, in memory. `with_outputs=False` leaves the output columns (text,
+    structured fields, embedding vectors) out of `results`: what the cost record needs (model,
+    usage, counts) stays, and an embeddings run no longer loads every vector (see
+    `billing_outcomes`)."""
     layout = manifest_layout(manifest)
     schema = results_schema(manifest.job.request)
-    results = [store.read_table(s.results_uri) for s in manifest.shards if s.results_uri]
+    if not with_outputs:
+        outputs = {f.name for f in output_fields(manifest.job.request)}
+        schema = pa.schema([f for f in schema if f.name not in outputs])
+    results = [
+        store.read_table(s.results_uri, columns=schema.names)
+        for s in manifest.shards
+        if s.results_uri
+    ]
     errors = [store.read_table(s.errors_uri) for s in manifest.shards if s.errors_uri]
     prepared: set[str] = set()
     for shard in manifest.shards:
@@ -81,6 +106,12 @@ def gather_outcomes(manifest: RunManifest, store: ObjectStore) -> Outcomes:
         else ERRORS_SCHEMA.empty_table()
     )
     return Outcomes(results_table, errors_table, prepared, cached)
+
+
+def billing_outcomes(manifest: RunManifest, store: ObjectStore) -> Outcomes:
+    """`gather_outcomes` without the output columns: for `billed_usage_by_model` and the counts of
+    the cost record, at a fraction of the memory."""
+    return gather_outcomes(manifest, store, with_outputs=False)
 
 
 def succeeded_ids_and_errors(
@@ -137,13 +168,145 @@ class LoadSummary:
     rows_not_in_run: int
 
 
+LOAD_BUCKET_ROWS = 200_000  # outcome rows held in memory at once
+LOAD_BUCKET_BYTES = 256 << 20  # result bytes (uncompressed) held in memory at once
+SCAN_ROWS = 8192
+_CID = "__nb_custom_id"
+_ERROR_COLUMNS = ["custom_id", "attempt", "code", "message", "retryable"]
+
+
+@dataclass
+class _Bucket:
+    """The outcomes of one bucket of custom_ids: results (with cached_from_run), the latest error of
+    each custom_id, and the custom_ids prepared for the run."""
+
+    results: pa.Table
+    errors: dict[str, dict[str, Any]]
+    prepared: set[str]
+    index: dict[str, int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.index = {cid: i for i, cid in enumerate(self.results.column("custom_id").to_pylist())}
+
+
+class _Spill:
+    """Tables partitioned by bucket into Arrow IPC stream files (one per bucket) in a directory."""
+
+    def __init__(self, directory: Path, name: str, schema: pa.Schema, buckets: int) -> None:
+        self.paths = [directory / f"{name}-{b:04d}.arrow" for b in range(buckets)]
+        self.schema = schema
+        self.writers: dict[int, ipc.RecordBatchStreamWriter] = {}
+
+    def add(self, table: pa.Table, bucket: np.ndarray) -> None:
+        if table.schema != self.schema:
+            table = table.cast(self.schema)
+        order = np.argsort(bucket, kind="stable")
+        ordered = table.take(pa.array(order))
+        counts = np.bincount(bucket, minlength=len(self.paths))
+        start = 0
+        for b in np.flatnonzero(counts).tolist():
+            writer = self.writers.get(b)
+            if writer is None:
+                writer = self.writers[b] = ipc.new_stream(str(self.paths[b]), self.schema)
+            writer.write_table(ordered.slice(start, int(counts[b])))
+            start += int(counts[b])
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+    def read(self, b: int) -> Iterator[pa.RecordBatch]:
+        if self.paths[b].exists():
+            with ipc.open_stream(str(self.paths[b])) as reader:
+                yield from reader
+
+    def table(self, b: int) -> pa.Table:
+        return pa.Table.from_batches(list(self.read(b)), schema=self.schema)
+
+
+def _buckets_of(custom_ids: list[str], buckets: int) -> np.ndarray:
+    return np.fromiter(map(hash, custom_ids), np.int64, len(custom_ids)) % buckets
+
+
+def _with_cached_from(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    table = table.select(schema.names[:-1]).cast(pa.schema(list(schema)[:-1]))
+    return table.append_column("cached_from_run", pa.nulls(table.num_rows, pa.string()))
+
+
+class _Outcomes:
+    """Streams every outcome of a run, without holding them: result rows, error rows (the columns
+    the dead letter needs) and prepared custom_ids."""
+
+    def __init__(self, manifest: RunManifest, store: ObjectStore) -> None:
+        self.manifest = manifest
+        self.store = store
+        base = results_schema(manifest.job.request)
+        self.results_schema = base.append(pa.field("cached_from_run", pa.string()))
+        self.errors_schema = pa.schema([ERRORS_SCHEMA.field(c) for c in _ERROR_COLUMNS])
+        self.ids_schema = pa.schema([pa.field("custom_id", pa.string())])
+
+    def _batches(self, uri: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        fs, path = self.store.fs(uri)
+        with fs.open(path, "rb") as handle:
+            for batch in pq.ParquetFile(handle).iter_batches(SCAN_ROWS, columns=columns):
+                yield pa.Table.from_batches([batch])
+
+    def results(self) -> Iterator[pa.Table]:
+        for shard in self.manifest.shards:
+            if shard.results_uri:
+                for table in self._batches(shard.results_uri):
+                    yield _with_cached_from(table, self.results_schema)
+        if self.manifest.cache_hits_uri:
+            cached = served_results(
+                ResultCache(self.store, self.manifest.job.storage_root, self.manifest.job),
+                self.store,
+                self.manifest.cache_hits_uri,
+                datetime.now(UTC),
+            )
+            yield cached.cast(self.results_schema)
+
+    def errors(self) -> Iterator[pa.Table]:
+        for shard in self.manifest.shards:
+            if shard.errors_uri:
+                for table in self._batches(shard.errors_uri, _ERROR_COLUMNS):
+                    yield table.cast(self.errors_schema)
+
+    def prepared(self) -> Iterator[pa.Table]:
+        layout = manifest_layout(self.manifest)
+        for shard in self.manifest.shards:
+            if shard.attempt == 1:
+                yield from self._batches(layout.ids_file(shard.attempt, shard.index), ["custom_id"])
+        if self.manifest.cache_hits_uri:
+            yield from self._batches(self.manifest.cache_hits_uri, ["custom_id"])
+
+    def bucket_count(self) -> int:
+        """How many buckets keep each one's outcomes under LOAD_BUCKET_ROWS / LOAD_BUCKET_BYTES
+        (from the run's counts and the results files' footers)."""
+        result_bytes = result_rows = 0
+        for shard in self.manifest.shards:
+            if shard.results_uri:
+                fs, path = self.store.fs(shard.results_uri)
+                meta = pq.ParquetFile(path, filesystem=fs).metadata
+                result_rows += meta.num_rows
+                result_bytes += sum(
+                    meta.row_group(i).total_byte_size for i in range(meta.num_row_groups)
+                )
+        rows = max(self.manifest.rows_selected, result_rows) + self.manifest.cache_hits
+        by_rows = math.ceil(rows / LOAD_BUCKET_ROWS)
+        return max(1, by_rows, math.ceil(result_bytes / LOAD_BUCKET_BYTES))
+
+    def one_bucket(self) -> _Bucket:
+        """Every outcome in memory (a run that fits one bucket)."""
+        results = pa.concat_tables(list(self.results()) or [self.results_schema.empty_table()])
+        errors = pa.concat_tables(list(self.errors()) or [self.errors_schema.empty_table()])
+        prepared = {cid for t in self.prepared() for cid in t.column(0).to_pylist()}
+        return _Bucket(results, last_errors(errors), prepared)
+
+
 def write_output(manifest: RunManifest, store: ObjectStore) -> LoadSummary:
     job = manifest.job
     layout = manifest_layout(manifest)
-    outcomes = gather_outcomes(manifest, store)
-    errors = last_errors(outcomes.errors)
-    results = outcomes.all_results()
-    index = {cid: i for i, cid in enumerate(results.column("custom_id").to_pylist())}
+    outcomes = _Outcomes(manifest, store)
     dataset = open_source(job, store)
     copied = source_columns(job, dataset.schema)
     id_column = job.source.id_column
@@ -151,56 +314,151 @@ def write_output(manifest: RunManifest, store: ObjectStore) -> LoadSummary:
     result_names = [f.name for f in output_fields(job.request)]
     out_schema = pa.schema(
         [dataset.schema.field(c) for c in columns]
-        + [f for f in results.schema if f.name in result_names]
+        + [f for f in outcomes.results_schema if f.name in result_names]
         + LINEAGE_FIELDS
     )
     target = output_file(job.output_uri, manifest.run_date)
-    dead: list[dict[str, Any]] = []
-    written = not_in_run = 0
-    with store.open_atomic(target) as handle:
-        writer = pq.ParquetWriter(handle, out_schema, compression="zstd")
-        scan = iter_source_batches(dataset, columns, source_filter(job), filter_columns(job))
-        for batch in scan:
-            ids = batch.column(id_column).to_pylist()
-            cids = [custom_id_for(v) for v in ids]
-            positions = np.fromiter(
-                (index.get(c, -1) for c in cids), dtype=np.int64, count=len(cids)
-            )
-            found = positions >= 0
-            for i in np.flatnonzero(~found):
-                cid = cids[i]
-                if cid not in outcomes.prepared_ids:
-                    not_in_run += 1  # appeared in the source after prepare: not part of this run
+    join = _Join(manifest, columns, result_names, out_schema)
+    scan = iter_source_batches(dataset, columns, source_filter(job), filter_columns(job))
+    buckets = outcomes.bucket_count()
+    with (
+        store.open_atomic(layout.dead_letter) as dead_handle,
+        store.open_atomic(target) as handle,
+        tempfile.TemporaryDirectory(prefix="nightbatch-load-") as spill_dir,
+    ):
+        join.open(handle, dead_handle)
+        try:
+            if buckets == 1:
+                bucket = outcomes.one_bucket()
+                for batch in scan:
+                    join.add(batch, custom_ids_for(batch.column(id_column)).to_pylist(), bucket)
+            else:
+                _join_by_bucket(outcomes, scan, id_column, buckets, Path(spill_dir), join)
+        finally:
+            join.close()  # on an error too, while the files are open (they are then discarded)
+    return LoadSummary(target, layout.dead_letter, join.written, join.dead, join.not_in_run)
+
+
+def _join_by_bucket(
+    outcomes: _Outcomes,
+    scan: Iterator[pa.RecordBatch],
+    id_column: str,
+    buckets: int,
+    directory: Path,
+    join: _Join,
+) -> None:
+    """Spill outcomes and source rows to one file per bucket, then join bucket by bucket."""
+    spills: dict[str, _Spill] = {
+        "results": _Spill(directory, "results", outcomes.results_schema, buckets),
+        "errors": _Spill(directory, "errors", outcomes.errors_schema, buckets),
+        "prepared": _Spill(directory, "prepared", outcomes.ids_schema, buckets),
+    }
+    for name, tables in (
+        ("results", outcomes.results()),
+        ("errors", outcomes.errors()),
+        ("prepared", outcomes.prepared()),
+    ):
+        for table in tables:
+            ids = table.column("custom_id").to_pylist()
+            spills[name].add(table, _buckets_of(ids, buckets))
+    source: _Spill | None = None
+    for batch in scan:
+        ids = custom_ids_for(batch.column(id_column))
+        table = pa.Table.from_batches([batch]).append_column(_CID, ids)
+        if source is None:
+            source = _Spill(directory, "source", table.schema, buckets)
+        source.add(table, _buckets_of(ids.to_pylist(), buckets))
+    for spill in [*spills.values(), *([source] if source else [])]:
+        spill.close()
+    if source is None:
+        return
+    for b in range(buckets):
+        errors = spills["errors"].table(b)
+        bucket = _Bucket(
+            spills["results"].table(b),
+            last_errors(errors),
+            set(spills["prepared"].table(b).column(0).to_pylist()),
+        )
+        for rows in source.read(b):
+            custom_ids = rows.column(_CID).to_pylist()
+            join.add(rows.drop_columns([_CID]), custom_ids, bucket)
+
+
+class _Join:
+    """Writes the enriched rows of source batches and the dead letter of the rows left over."""
+
+    def __init__(
+        self,
+        manifest: RunManifest,
+        columns: list[str],
+        result_names: list[str],
+        out_schema: pa.Schema,
+    ) -> None:
+        self.manifest = manifest
+        self.columns = columns
+        self.result_names = result_names
+        self.out_schema = out_schema
+        self.written = self.dead = self.not_in_run = 0
+        self.dead_rows: list[dict[str, Any]] = []
+
+    def open(self, handle: Any, dead_handle: Any) -> None:
+        self.writer = pq.ParquetWriter(handle, self.out_schema, compression="zstd")
+        self.dead_writer = pq.ParquetWriter(dead_handle, DEAD_LETTER_SCHEMA, compression="zstd")
+
+    def add(self, batch: pa.RecordBatch | pa.Table, custom_ids: list[str], bucket: _Bucket) -> None:
+        job = self.manifest.job
+        n_rows = len(custom_ids)
+        index = bucket.index
+        positions = np.fromiter((index.get(c, -1) for c in custom_ids), np.int64, n_rows)
+        found = positions >= 0
+        missing = np.flatnonzero(~found)
+        if len(missing):
+            id_values = batch.column(job.source.id_column).take(pa.array(missing)).to_pylist()
+            for i, value in zip(missing.tolist(), id_values, strict=True):
+                cid = custom_ids[i]
+                if cid not in bucket.prepared:
+                    self.not_in_run += 1  # appeared in the source after prepare: not in this run
                     continue
-                dead.append(
-                    dead_letter_row(cid, str(ids[i]), errors.get(cid), job.retry.max_attempts)
+                self.dead_rows.append(
+                    dead_letter_row(cid, str(value), bucket.errors.get(cid), job.retry.max_attempts)
                 )
-            if not found.any():
-                continue
-            rows = batch.filter(pa.array(found))
-            taken = results.take(pa.array(positions[found]))
-            n = rows.num_rows
-            arrays = [rows.column(c) for c in columns]
-            arrays += [taken.column(name) for name in result_names]
-            cached_from = taken.column("cached_from_run")
-            status = pc.if_else(pc.is_null(cached_from), "succeeded", "cached")
-            arrays += [
-                pa.array([manifest.run_id] * n, pa.string()),
-                taken.column("custom_id"),
-                taken.column("model"),
-                status,
-                taken.column("finish_reason"),
-                taken.column("attempt"),
-                taken.column("batch_id"),
-                cached_from,
-            ]
-            writer.write_table(
-                pa.Table.from_arrays([_chunked(a) for a in arrays], schema=out_schema)
-            )
-            written += n
-        writer.close()
-    store.write_table(layout.dead_letter, pa.Table.from_pylist(dead, schema=DEAD_LETTER_SCHEMA))
-    return LoadSummary(target, layout.dead_letter, written, len(dead), not_in_run)
+                self.dead += 1
+            if len(self.dead_rows) >= SCAN_ROWS:
+                self._flush_dead()
+        if not found.any():
+            return
+        rows = batch.filter(pa.array(found))
+        taken = bucket.results.take(pa.array(positions[found]))
+        n = rows.num_rows
+        arrays = [rows.column(c) for c in self.columns]
+        arrays += [taken.column(name) for name in self.result_names]
+        cached_from = taken.column("cached_from_run")
+        status = pc.if_else(pc.is_null(cached_from), "succeeded", "cached")
+        arrays += [
+            pa.repeat(pa.scalar(self.manifest.run_id, pa.string()), n),
+            taken.column("custom_id"),
+            taken.column("model"),
+            status,
+            taken.column("finish_reason"),
+            taken.column("attempt"),
+            taken.column("batch_id"),
+            cached_from,
+        ]
+        self.writer.write_table(
+            pa.Table.from_arrays([_chunked(a) for a in arrays], schema=self.out_schema)
+        )
+        self.written += n
+
+    def _flush_dead(self) -> None:
+        if self.dead_rows:
+            table = pa.Table.from_pylist(self.dead_rows, schema=DEAD_LETTER_SCHEMA)
+            self.dead_writer.write_table(table)
+            self.dead_rows = []
+
+    def close(self) -> None:
+        self.writer.close()
+        self._flush_dead()
+        self.dead_writer.close()
 
 
 def _chunked(array: Any) -> pa.ChunkedArray:

@@ -401,3 +401,130 @@ def test_chunk_parsing_of_embeddings_and_fallbacks() -> None:
     assert chat.read_lines(b'{"custom_id": 5}\n') is None
     responses = LineParser(RequestSpec(endpoint="/v1/responses", model="m", template="{t}"), 1, "b")
     assert responses.read_lines(raw[0]) is None
+
+
+# ---- load: the bucketed join writes what the in-memory join writes -------------------------------
+
+
+def _collected_run(tmp_path: Path) -> tuple[Any, ObjectStore]:
+    """A prepared run (3,000 rows, 4 shards) with made-up outcomes: most rows succeed in attempt 1,
+    some fail for good, some are retried and succeed in attempt 2, some never come back; then 200
+    rows are added to the source (not in the run)."""
+    from schemas.tables import ERRORS_SCHEMA, results_schema
+    from tasks.prepare import write_shards
+    from tasks.runs import new_manifest
+
+    source = tmp_path / "src.parquet"
+    rows = 3000
+    table = pa.table(
+        {
+            "id": [f"row-{i}" for i in range(rows)],
+            "text": [f"text {i}" for i in range(rows)],
+            "n": list(range(rows)),
+        }
+    )
+    pq.write_table(table, source)
+    job = JobSpec.model_validate(
+        {
+            "name": "load",
+            "source": {"uri": str(source), "id_column": "id", "columns": ["id", "n"]},
+            "request": {"model": "gpt-4o-mini", "template": "{text}"},
+            "output_uri": str(tmp_path / "out"),
+            "storage_root": str(tmp_path / "state"),
+            "limits": {"max_lines_per_shard": 800},
+        }
+    )
+    store = ObjectStore()
+    layout = RunLayout(job.storage_root, job.name, "2026-01-02")
+    prepared = write_shards(job, store, layout)
+    schema = results_schema(job.request)
+    shards = []
+    retried: list[str] = []
+    for shard in prepared.shards:
+        ids = pq.read_table(layout.ids_file(1, shard.index)).column("custom_id").to_pylist()
+        ok = [c for c in ids if hash(c) % 10 < 7]
+        failed = [c for c in ids if hash(c) % 10 in (7, 8)]
+        retried += [c for c in failed if hash(c) % 2]
+        shards.append(_outcome_shard(store, layout, shard, schema, ok, failed, attempt=1))
+    retry = shards[0].model_copy(update={"attempt": 2, "shard_id": "a2-s00000"})
+    shards.append(_outcome_shard(store, layout, retry, schema, retried[::2], retried[1::2], 2))
+    manifest = new_manifest(job, "2026-01-02", "2026-01-02T00:00:00+00:00").model_copy(
+        update={"shards": shards, "rows_selected": rows}
+    )
+    more = pa.table({"id": [f"new-{i}" for i in range(200)], "text": ["x"] * 200, "n": [0] * 200})
+    pq.write_table(pa.concat_tables([table, more]), source)
+    assert ERRORS_SCHEMA is not None
+    return manifest, store
+
+
+def _outcome_shard(
+    store: ObjectStore, layout: RunLayout, shard: Any, schema: pa.Schema, ok: list[str],
+    failed: list[str], attempt: int,
+) -> Any:  # fmt: skip
+    from schemas.tables import ERRORS_SCHEMA
+
+    n = len(ok)
+    results = {
+        "custom_id": ok, "attempt": [attempt] * n, "batch_id": [f"b{attempt}"] * n,
+        "model": ["gpt-4o-mini"] * n, "finish_reason": ["stop"] * n,
+        "response_text": [f"answer {c}" for c in ok], "input_tokens": [5] * n,
+        "cached_tokens": [0] * n, "cache_write_tokens": [0] * n, "output_tokens": [2] * n,
+        "reasoning_tokens": [0] * n,
+    }  # fmt: skip
+    m = len(failed)
+    errors = {
+        "custom_id": failed, "attempt": [attempt] * m, "batch_id": [f"b{attempt}"] * m,
+        "kind": ["http"] * m, "status_code": [400] * m, "code": ["bad"] * m,
+        "message": ["no"] * m, "retryable": [bool(hash(c) % 2) for c in failed],
+        "billed": [False] * m, "model": [None] * m, "input_tokens": [0] * m,
+        "cached_tokens": [0] * m, "cache_write_tokens": [0] * m, "output_tokens": [0] * m,
+        "reasoning_tokens": [0] * m,
+    }  # fmt: skip
+    results_uri = layout.results_file(attempt, shard.index)
+    errors_uri = layout.errors_file(attempt, shard.index)
+    store.write_table(results_uri, pa.table(results, schema=schema))
+    store.write_table(errors_uri, pa.table(errors, schema=ERRORS_SCHEMA))
+    return shard.model_copy(
+        update={"state": "collected", "results_uri": results_uri, "errors_uri": errors_uri}
+    )
+
+
+def test_bucketed_load_writes_what_the_in_memory_load_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tasks.load as load
+
+    manifest, store = _collected_run(tmp_path)
+    whole = load.write_output(manifest, store)
+    out = pq.read_table(whole.output_uri)
+    dead = pq.read_table(whole.dead_letter_uri)
+    assert whole.rows_not_in_run == 200
+    assert whole.rows_written + whole.rows_dead_lettered == 3000 == out.num_rows + dead.num_rows
+    assert out.column("id").to_pylist() == sorted(out.column("id").to_pylist(), key=_row_no)
+
+    monkeypatch.setattr(load, "LOAD_BUCKET_ROWS", 400)
+    assert load._Outcomes(manifest, store).bucket_count() == 8
+    parts = load.write_output(manifest, store)
+    assert (parts.rows_written, parts.rows_dead_lettered, parts.rows_not_in_run) == (
+        whole.rows_written, whole.rows_dead_lettered, whole.rows_not_in_run,
+    )  # fmt: skip
+    bucketed = pq.read_table(parts.output_uri)
+    assert bucketed.schema == out.schema
+    assert bucketed.sort_by("nb_custom_id").equals(out.sort_by("nb_custom_id"))
+    assert (
+        pq.read_table(parts.dead_letter_uri).sort_by("custom_id").equals(dead.sort_by("custom_id"))
+    )
+
+
+def _row_no(row_id: str) -> int:
+    return int(row_id.rsplit("-", 1)[1])
+
+
+def test_billing_outcomes_bill_what_gathered_outcomes_bill(tmp_path: Path) -> None:
+    from tasks.load import billed_usage_by_model, billing_outcomes, gather_outcomes
+
+    manifest, store = _collected_run(tmp_path)
+    light, full = billing_outcomes(manifest, store), gather_outcomes(manifest, store)
+    assert "response_text" not in light.results.column_names
+    assert billed_usage_by_model(light) == billed_usage_by_model(full)
+    assert light.errors.num_rows == full.errors.num_rows and light.prepared_ids == full.prepared_ids
