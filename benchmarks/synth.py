@@ -160,15 +160,22 @@ def texts(
     return out
 
 
-def product_chunk(start: int, rows: int, seed: int, mean_chars: float = 1800.0) -> pa.Table:
+def product_chunk(
+    start: int, rows: int, seed: int, mean_chars: float = 1800.0, corpus_words: int = BIG_CORPUS
+) -> pa.Table:
     """Rows `start`.. of the products table: sku, title, category, description (≈ mean_chars), price."""
     rng = np.random.default_rng(seed * 1_000_003 + start)
     descriptions = texts(
-        "english", rows, seed * 7919 + start, mean_chars, corpus_seed=seed, corpus_words=BIG_CORPUS
+        "english",
+        rows,
+        seed * 7919 + start,
+        mean_chars,
+        corpus_seed=seed,
+        corpus_words=corpus_words,
     )
     titles = texts(
         "english", rows, seed * 104729 + start, 40.0, sigma=0.3, max_chars=120,
-        corpus_seed=seed, corpus_words=BIG_CORPUS,
+        corpus_seed=seed, corpus_words=corpus_words,
     )  # fmt: skip
     categories = np.array(
         ["electronics", "home", "kitchen", "garden", "sport", "toys", "fashion", "office"]
@@ -189,14 +196,16 @@ def product_chunk(start: int, rows: int, seed: int, mean_chars: float = 1800.0) 
 def iter_product_chunks(
     rows: int, seed: int = 1, chunk_rows: int = 100_000, mean_chars: float = 1800.0
 ) -> Iterator[pa.Table]:
+    words = min(BIG_CORPUS, max(20_000, rows * 3))  # small tables: a small corpus, made quickly
     for start in range(0, rows, chunk_rows):
-        yield product_chunk(start, min(chunk_rows, rows - start), seed, mean_chars)
+        yield product_chunk(start, min(chunk_rows, rows - start), seed, mean_chars, words)
 
 
 def write_products(
     path: Path, rows: int, seed: int = 1, mean_chars: float = 1800.0, row_group_rows: int = 65_536
 ) -> Path:
-    """A products Parquet file of `rows` rows, written chunk by chunk (bounded memory)."""
+    """A products Parquet file of `rows` rows (row groups of `row_group_rows`, zstd, as a Spark or
+    pandas writer would make it), written chunk by chunk in bounded memory."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     writer: pq.ParquetWriter | None = None

@@ -1,0 +1,329 @@
+"""Throughput and memory of nightbatch's data stages on a synthetic table, in one run.
+
+    .venv/bin/python benchmarks/bench.py --rows 1000000              # prepare, naive, collect, load
+    .venv/bin/python benchmarks/bench.py --rows 5000000 --memory-only  # no naive baseline
+
+Makes (and keeps, under --workdir) a products table with realistic text lengths (a title, a
+category and a ~1,800-character description a row: ~500-token chat prompts), then runs each stage
+in its own subprocess so that its peak RSS is its own:
+
+- prepare: `tasks.prepare.write_shards` of a chat job with a JSON-schema output (tokens counted as
+  `limits.token_counting: auto` decides: sampled above 100,000 rows);
+- naive: the same request lines made the obvious way (pandas, iterrows, str.format, json.dumps);
+- collect: `tasks.collect.collect_shard` on Batch API output files synthesised for every shard (1%
+  429/500 error lines), one shard at a time, then all shards on 4 threads as the flow runs them;
+- load: `tasks.load.write_output` of the collected run.
+
+It is a benchmark, not a timed test: tests/unit/test_bench_smoke.py runs it at a tiny size."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+RUN_DATE = "2026-01-01"
+CHAT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "summary": {"type": "string"},
+        "audience": {"type": "string"},
+        "score": {"type": "integer"},
+    },
+}
+SYSTEM_PROMPT = (
+    "You write short, factual product summaries for an online catalogue. Read the product's "
+    "title, category and description, then answer with a one-sentence summary, the audience it "
+    "suits best and a quality score from 1 to 10."
+)
+TEMPLATE = "Product: {title}\nCategory: {category}\n\n{description}"
+
+
+def job_spec(workdir: Path, rows: int) -> Any:
+    from schemas.job import JobSpec
+
+    return JobSpec.model_validate(
+        {
+            "name": "bench",
+            "source": {
+                "uri": str(source_path(workdir, rows)),
+                "id_column": "sku",
+                "columns": ["sku", "title", "price"],
+            },
+            "request": {
+                "model": "gpt-4o-mini",
+                "system_prompt": SYSTEM_PROMPT,
+                "template": TEMPLATE,
+                "params": {"max_tokens": 120, "temperature": 0},
+                "output_schema": CHAT_SCHEMA,
+            },
+            "output_uri": str(workdir / f"run-{rows}" / "output"),
+            "storage_root": str(workdir / f"run-{rows}" / "state"),
+        }
+    )
+
+
+def source_path(workdir: Path, rows: int) -> Path:
+    return workdir / f"products-{rows}.parquet"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---- the stages, each run in a child process -------------------------------------------------------
+
+
+def stage_generate(workdir: Path, rows: int) -> dict[str, Any]:
+    from benchmarks.synth import write_products
+
+    path = source_path(workdir, rows)
+    if not path.exists():
+        write_products(path, rows)
+    return {"bytes": path.stat().st_size}
+
+
+def stage_prepare(workdir: Path, rows: int) -> dict[str, Any]:
+    from tasks.layout import RunLayout
+    from tasks.prepare import write_shards
+    from tasks.runs import new_manifest, save_manifest
+    from tasks.storage import ObjectStore
+
+    job = job_spec(workdir, rows)
+    shutil.rmtree(workdir / f"run-{rows}", ignore_errors=True)
+    store = ObjectStore()
+    started = time.perf_counter()
+    result = write_shards(job, store, RunLayout(job.storage_root, job.name, RUN_DATE))
+    seconds = time.perf_counter() - started
+    manifest = new_manifest(job, RUN_DATE, "2026-01-01T00:00:00+00:00")
+    save_manifest(
+        store, manifest.model_copy(update={"shards": result.shards, "rows_selected": rows})
+    )
+    return {
+        "rows": result.rows,
+        "seconds": seconds,
+        "shards": len(result.shards),
+        "bytes": sum(s.bytes for s in result.shards),
+        "tokens_per_row": sum(s.input_tokens for s in result.shards) / max(result.rows, 1),
+        "tokens": "exact" if result.tokens_exact else "sampled",
+    }
+
+
+def stage_naive(workdir: Path, rows: int) -> dict[str, Any]:
+    """The same request lines, made the obvious way: a DataFrame, iterrows, json.dumps."""
+    import json as std_json
+
+    import pandas as pd
+
+    from tasks.render import custom_id_for, strict_schema
+
+    out = workdir / f"naive-{rows}.jsonl"
+    started = time.perf_counter()
+    frame = pd.read_parquet(source_path(workdir, rows))
+    schema = strict_schema(CHAT_SCHEMA)
+    with open(out, "w") as handle:
+        for _, row in frame.iterrows():
+            body = {
+                "model": "gpt-4o-mini",
+                "max_tokens": 120,
+                "temperature": 0,
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "output", "schema": schema, "strict": True},
+                },
+                "messages": [
+                    {"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": TEMPLATE.format(**row.to_dict())},
+                ],
+            }
+            line = {
+                "custom_id": custom_id_for(row["sku"]),
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": body,
+            }
+            handle.write(std_json.dumps(line) + "\n")
+    seconds = time.perf_counter() - started
+    out.unlink()
+    return {"rows": len(frame), "seconds": seconds}
+
+
+class _LocalFiles:
+    """A BatchApi stand-in whose downloads come from local files (no HTTP)."""
+
+    def __init__(self, files: dict[str, Path]) -> None:
+        self.files = files
+
+    def download(self, file_id: str, sink: IO[bytes]) -> int:
+        with open(self.files[file_id], "rb") as handle:
+            shutil.copyfileobj(handle, sink, 8 << 20)
+        return self.files[file_id].stat().st_size
+
+
+def stage_collect(workdir: Path, rows: int) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    from benchmarks.synth import chat_output_lines
+    from tasks.collect import collect_shard
+    from tasks.runs import layout_for, load_manifest, save_manifest
+    from tasks.storage import ObjectStore
+
+    job = job_spec(workdir, rows)
+    store = ObjectStore()
+    layout = layout_for(job, RUN_DATE)
+    manifest = load_manifest(store, layout)
+    outputs = workdir / f"run-{rows}" / "outputs"
+    outputs.mkdir(exist_ok=True)
+    files: dict[str, Path] = {}
+    shards = []
+    for shard in manifest.shards:  # what the Batch API would have written (not timed)
+        ids = pq.read_table(layout.ids_file(1, shard.index)).column(0).to_pylist()
+        path = outputs / f"output-{shard.index}.jsonl"
+        with open(path, "wb") as handle:
+            for line in chat_output_lines(ids, seed=shard.index):
+                handle.write(line)
+        files[f"file-{shard.index}"] = path
+        shards.append(
+            shard.model_copy(
+                update={
+                    "state": "terminal",
+                    "batch_id": f"batch_{shard.index}",
+                    "batch_status": "completed",
+                    "output_file_id": f"file-{shard.index}",
+                }
+            )
+        )
+    api = _LocalFiles(files)
+    lines = sum(s.lines for s in shards)
+    started = time.perf_counter()
+    for shard in shards:
+        collect_shard(job, layout, shard, store, api)  # type: ignore[arg-type]
+    one_thread = time.perf_counter() - started
+    started = time.perf_counter()
+    with ThreadPoolExecutor(4) as pool:
+        done = list(pool.map(lambda s: collect_shard(job, layout, s, store, api), shards))  # type: ignore[arg-type]
+    four_threads = time.perf_counter() - started
+    collected = [
+        s.model_copy(update={"state": "collected", "results_uri": r, "errors_uri": e})
+        for s, (r, e, _) in zip(shards, done, strict=True)
+    ]
+    save_manifest(store, manifest.model_copy(update={"shards": collected}))
+    return {
+        "rows": lines,
+        "seconds": one_thread,
+        "seconds_4_threads": four_threads,
+        "bytes": sum(p.stat().st_size for p in files.values()),
+    }
+
+
+def stage_load(workdir: Path, rows: int) -> dict[str, Any]:
+    from tasks.load import write_output
+    from tasks.runs import layout_for, load_manifest
+    from tasks.storage import ObjectStore
+
+    job = job_spec(workdir, rows)
+    store = ObjectStore()
+    manifest = load_manifest(store, layout_for(job, RUN_DATE))
+    started = time.perf_counter()
+    summary = write_output(manifest, store)
+    seconds = time.perf_counter() - started
+    return {
+        "rows": summary.rows_written + summary.rows_dead_lettered,
+        "seconds": seconds,
+        "written": summary.rows_written,
+        "dead_lettered": summary.rows_dead_lettered,
+    }
+
+
+STAGES = {
+    "generate": stage_generate,
+    "prepare": stage_prepare,
+    "naive": stage_naive,
+    "collect": stage_collect,
+    "load": stage_load,
+}
+
+
+def run_child(stage: str, workdir: Path, rows: int) -> dict[str, Any]:
+    """Run one stage in a fresh interpreter; its result and its own peak RSS come back as JSON."""
+    command = [sys.executable, __file__, "--stage", stage, "--rows", str(rows)]
+    command += ["--workdir", str(workdir)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"stage {stage} failed:\n{done.stdout}\n{done.stderr}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+# ---- the report ---------------------------------------------------------------------------------
+
+
+def report(results: dict[str, dict[str, Any]]) -> str:
+    naive = results.get("naive")
+    rows = [("stage", "rows", "seconds", "rows/s", "peak RSS (MB)", "vs naive")]
+
+    def line(name: str, result: dict[str, Any], seconds: float) -> None:
+        rate = result["rows"] / seconds if seconds else float("inf")
+        ratio = ""
+        if name == "prepare" and naive:
+            ratio = f"{naive['seconds'] / naive['rows'] * rate:.1f}x"
+        rows.append(
+            (name, f"{result['rows']:,}", f"{seconds:.2f}", f"{rate:,.0f}",
+             f"{result['peak_rss_mb']:,.0f}", ratio)
+        )  # fmt: skip
+
+    for name in ("prepare", "naive", "collect", "load"):
+        if name in results:
+            line(name, results[name], results[name]["seconds"])
+        if name == "collect" and "collect" in results:
+            line("collect (4 threads)", results["collect"], results["collect"]["seconds_4_threads"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    text = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows
+    ]
+    text.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--workdir", type=Path, default=Path(".nightbatch/bench"))
+    parser.add_argument("--memory-only", action="store_true", help="skip the naive baseline")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    workdir = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    if args.stage:  # a child: run one stage, print its result
+        result = STAGES[args.stage](workdir, args.rows)
+        print(json.dumps({**result, "peak_rss_mb": peak_rss_mb()}))
+        return 0
+    run_child("generate", workdir, args.rows)
+    stages = ["prepare", "collect", "load"] + ([] if args.memory_only else ["naive"])
+    results: dict[str, dict[str, Any]] = {}
+    for stage in stages:
+        results[stage] = run_child(stage, workdir, args.rows)
+        print(f"{stage}: {json.dumps(results[stage])}", file=sys.stderr, flush=True)
+    print(f"\n{args.rows:,} rows, {os.cpu_count()} CPUs, prompts of "
+          f"~{results['prepare']['tokens_per_row']:.0f} tokens ({results['prepare']['tokens']})\n")  # fmt: skip
+    print(report(results))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,23 @@
+"""The benchmark keeps working: it runs end to end at a tiny size (it is not a timed test)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench
+
+
+def test_benchmark_runs_at_a_tiny_size(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "results.json"
+    assert bench.main(["--rows", "1500", "--workdir", str(tmp_path), "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    for stage in ("prepare", "naive", "collect", "collect (4 threads)", "load"):
+        assert f"| {stage} " in table
+    results = json.loads(out.read_text())
+    assert results["prepare"]["rows"] == 1500 and results["prepare"]["tokens"] == "exact"
+    assert results["collect"]["rows"] == 1500
+    assert results["load"]["written"] + results["load"]["dead_lettered"] == 1500
+    assert all(r["peak_rss_mb"] > 0 for r in results.values())
