@@ -171,6 +171,8 @@ class LoadSummary:
 LOAD_BUCKET_ROWS = 200_000  # outcome rows held in memory at once
 LOAD_BUCKET_BYTES = 256 << 20  # result bytes (uncompressed) held in memory at once
 SCAN_ROWS = 8192
+ROW_GROUP_ROWS = 65_536  # enriched rows written as one row group ...
+ROW_GROUP_BYTES = 64 << 20  # ... or fewer when they are this large (embeddings)
 _CID = "__nb_custom_id"
 _ERROR_COLUMNS = ["custom_id", "attempt", "code", "message", "retryable"]
 
@@ -379,9 +381,24 @@ def _join_by_bucket(
             last_errors(errors),
             set(spills["prepared"].table(b).column(0).to_pylist()),
         )
-        for rows in source.read(b):
+        for rows in _coalesced(source.read(b), SCAN_ROWS):
             custom_ids = rows.column(_CID).to_pylist()
             join.add(rows.drop_columns([_CID]), custom_ids, bucket)
+
+
+def _coalesced(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
+    """The batches of a spill file (small: a slice of a source batch each) as tables of at least
+    `rows` rows (but the last)."""
+    held: list[pa.RecordBatch] = []
+    count = 0
+    for batch in batches:
+        held.append(batch)
+        count += batch.num_rows
+        if count >= rows:
+            yield pa.Table.from_batches(held).combine_chunks()
+            held, count = [], 0
+    if held:
+        yield pa.Table.from_batches(held).combine_chunks()
 
 
 class _Join:
@@ -400,6 +417,8 @@ class _Join:
         self.out_schema = out_schema
         self.written = self.dead = self.not_in_run = 0
         self.dead_rows: list[dict[str, Any]] = []
+        self.held: list[pa.Table] = []
+        self.held_rows = self.held_bytes = 0
 
     def open(self, handle: Any, dead_handle: Any) -> None:
         self.writer = pq.ParquetWriter(handle, self.out_schema, compression="zstd")
@@ -444,10 +463,20 @@ class _Join:
             taken.column("batch_id"),
             cached_from,
         ]
-        self.writer.write_table(
+        self.held.append(
             pa.Table.from_arrays([_chunked(a) for a in arrays], schema=self.out_schema)
         )
+        self.held_rows += n
+        self.held_bytes += self.held[-1].nbytes
+        if self.held_rows >= ROW_GROUP_ROWS or self.held_bytes >= ROW_GROUP_BYTES:
+            self._flush()
         self.written += n
+
+    def _flush(self) -> None:
+        """Write what is held as one row group (not one per source batch: readers want big ones)."""
+        if self.held:
+            self.writer.write_table(pa.concat_tables(self.held), row_group_size=self.held_rows)
+            self.held, self.held_rows, self.held_bytes = [], 0, 0
 
     def _flush_dead(self) -> None:
         if self.dead_rows:
@@ -456,6 +485,7 @@ class _Join:
             self.dead_rows = []
 
     def close(self) -> None:
+        self._flush()
         self.writer.close()
         self._flush_dead()
         self.dead_writer.close()
