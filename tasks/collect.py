@@ -30,8 +30,8 @@ from tasks.parse import LineParser
 from tasks.storage import ObjectStore
 
 FLUSH_ROWS = 2000
-CHUNK_BYTES = 8 << 20  # a chunk of an output file parsed at once
-READ_AHEAD = 3  # chunks parsed ahead, on READ_THREADS other threads
+CHUNK_BYTES = 4 << 20  # a chunk of an output file parsed at once
+READ_AHEAD = 2  # chunks parsed ahead, on READ_THREADS other threads
 READ_THREADS = 2
 WRITE_AHEAD = 2  # tables queued for a sink's writer thread
 
