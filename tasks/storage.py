@@ -96,7 +96,11 @@ class ObjectStore:
         if not fs.exists(path):
             return []
         protocol = "s3://" if uri.startswith("s3://") else ""
-        return sorted(protocol + p for p in fs.find(path) if p.endswith(suffix) and "/." not in p)
+        return sorted(
+            protocol + p
+            for p in fs.find(path)
+            if p.endswith(suffix) and not p.rsplit("/", 1)[-1].startswith(".")
+        )
 
     def write_table(self, uri: str, table: pa.Table) -> None:
         with self.open_atomic(uri) as handle:
