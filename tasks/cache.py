@@ -76,10 +76,35 @@ def cache_key_from_line(line: bytes) -> bytes:
     return cache_key("", line[end:].rstrip(b"\n"))
 
 
+def keys_of_rendered(rendered: Any) -> list[bytes]:
+    """cache_key_from_line of every line of a rendered batch, without copying the lines: the key
+    covers what follows `{"custom_id":"<id>",` up to the newline."""
+    from tasks.render import value_offsets
+
+    ids = rendered.custom_ids.to_pylist()
+    if rendered.lines is not None:
+        return [cache_key_from_line(line) for line in rendered.lines]
+    offsets = value_offsets(rendered.data)
+    buffer = memoryview(rendered.data.buffers()[2])
+    skip = len(LINE_PREFIX) + 2  # the prefix, then the closing quote and comma after the id
+    keys = []
+    for i, custom_id in enumerate(ids):
+        start = int(offsets[i]) + skip + len(custom_id.encode())
+        keys.append(cache_key("", buffer[start : int(offsets[i + 1]) - 1]))
+    return keys
+
+
 def _as_u64(keys: list[bytes] | pa.Array) -> np.ndarray:
     """The first 8 bytes of each key as an unsigned integer (the index compares these)."""
-    if isinstance(keys, pa.Array | pa.ChunkedArray):
-        keys = keys.to_pylist()  # type: ignore[assignment]
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks()
+    if isinstance(keys, pa.FixedSizeBinaryArray) and keys.null_count == 0:
+        width = keys.type.byte_width
+        data = np.frombuffer(keys.buffers()[1], dtype=np.uint8)
+        rows = data[keys.offset * width : (keys.offset + len(keys)) * width].reshape(-1, width)
+        return np.ascontiguousarray(rows[:, :8]).view(">u8").ravel().astype(np.uint64)
+    if isinstance(keys, pa.Array):
+        keys = keys.to_pylist()
     raw = b"".join(k[:8] for k in keys)  # type: ignore[union-attr]
     return np.frombuffer(raw, dtype=">u8").astype(np.uint64)
 
@@ -132,7 +157,7 @@ class HitRecorder:
     def split(self, rendered: Any) -> Any:
         if not len(self.index) or not len(rendered):
             return rendered
-        keys = [cache_key_from_line(rendered.line(i)) for i in range(len(rendered))]
+        keys = keys_of_rendered(rendered)
         hit = self.index.contains(keys)
         if not hit.any():
             return rendered
