@@ -28,9 +28,9 @@ from tasks.crashpoints import crash_point
 from tasks.errors import BudgetExceededError, TerminalError
 from tasks.load import (
     billed_usage_by_model,
+    billing_outcomes,
     cached_usage_by_model,
     cost_table,
-    gather_outcomes,
     succeeded_ids_and_errors,
     write_output,
 )
@@ -403,7 +403,7 @@ def load_stage(manifest: RunManifest, store: ObjectStore) -> RunManifest:
         )
     loaded = write_output(manifest, store)
     crash_point("before-load-commit")
-    outcomes = gather_outcomes(manifest, store)
+    outcomes = billing_outcomes(manifest, store)
     now = utc_now()
     records = cost_records(
         manifest,
