@@ -75,5 +75,7 @@ def run_demo(workdir: Path, rows: int = 1000) -> int:
             costs[["model", "requests", "requests_succeeded", "input_tokens", "output_tokens",
                    "cost_batch_usd", "cost_standard_usd", "savings_usd"]].to_string(index=False)
         )  # fmt: skip
-    print(f"\nEverything is under {workdir}. Query it with pandas or DuckDB; see the README's 'What it writes'.")
+    print(
+        f"\nEverything is under {workdir}. Query it with pandas or DuckDB; see the README's 'What it writes'."
+    )
     return 0
