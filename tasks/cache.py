@@ -49,7 +49,7 @@ def namespace(job: JobSpec) -> str:
     return f"{name}-{hashlib.sha256(spec).hexdigest()[:16]}"
 
 
-def cache_key(endpoint: str, body_json: bytes) -> bytes:
+def cache_key(endpoint: str, body_json: bytes | memoryview) -> bytes:
     """16-byte key of one request: endpoint + the exact body bytes + parse rules version."""
     digest = hashlib.blake2b(digest_size=KEY_BYTES)
     digest.update(endpoint.encode())
