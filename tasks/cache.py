@@ -51,11 +51,11 @@ def namespace(job: JobSpec) -> str:
 
 def cache_key(endpoint: str, body_json: bytes | memoryview) -> bytes:
     """16-byte key of one request: endpoint + the exact body bytes + parse rules version."""
-    digest = hashlib.blake2b(digest_size=KEY_BYTES)
+    digest = hashlib.sha256()  # sha256 runs on the CPU's SHA extensions: faster here than blake2b
     digest.update(endpoint.encode())
     digest.update(b"\x00" + PARSE_RULES_VERSION.encode() + b"\x00")
     digest.update(body_json)
-    return digest.digest()
+    return digest.digest()[:KEY_BYTES]
 
 
 LINE_PREFIX = b'{"custom_id":"'
