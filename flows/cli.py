@@ -43,8 +43,6 @@ def emulator_env(state_dir: Path, clock_scale: float | None = None) -> Iterator[
 
 
 def _print_summary(result: dict[str, Any], cost_uri: str | None) -> None:
-    import pyarrow.parquet as pq
-
     from flows.context import build_store
     from schemas.settings import Settings
 
@@ -53,16 +51,16 @@ def _print_summary(result: dict[str, Any], cost_uri: str | None) -> None:
     if cost_uri:
         store = build_store(Settings.from_env())
         record = store.read_table(cost_uri).to_pylist()
-        succeeded = record[0]["requests_succeeded"] if record else 0
+        succeeded = sum(r["requests_succeeded"] for r in record)
+        cached = sum(r["requests_cached"] or 0 for r in record)
         dead = record[0]["requests_dead_lettered"] if record else 0
-        print(f"  enriched      : {succeeded}")
+        print(f"  enriched      : {succeeded + cached} ({cached} served from the result cache)")
         print(f"  dead-lettered : {dead}")
         batch = sum(r["cost_batch_usd"] for r in record)
         standard = sum(r["cost_standard_usd"] for r in record)
         print(
             f"  cost          : ${batch:.6f} at batch prices (standard ${standard:.6f}, saved ${standard - batch:.6f})"
         )
-        del pq
     print(f"  output        : {result['output']}")
     print(f"  cost record   : {cost_uri}")
 

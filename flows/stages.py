@@ -16,7 +16,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows import observe
 from flows.context import build_batch_api, build_store, resolve_job, resolve_run_date
 from schemas.job import JobSpec
-from schemas.manifest import TERMINAL_BATCH_STATUSES, RunManifest
+from schemas.manifest import RunManifest
 from schemas.settings import Settings
 from tasks import transitions as tr
 from tasks.admission import admit, queue_state
@@ -255,14 +255,6 @@ def poll_stage(
         save_manifest(store, manifest)
         crash_point("after-poll")
     return manifest
-
-
-def all_batches_terminal(manifest: RunManifest) -> bool:
-    return all(
-        s.state in ("terminal", "collected", "superseded")
-        or (s.batch_status in TERMINAL_BATCH_STATUSES and s.state != "submitted")
-        for s in manifest.shards
-    )
 
 
 @flow(name="wait", flow_run_name=_run_name("wait"), task_runner=TASK_RUNNER)

@@ -21,15 +21,13 @@ OPEN_BATCH_STATUSES: frozenset[str] = frozenset(
 ShardState = Literal[
     "prepared",  # request file written, nothing sent
     "submitting",  # intent recorded: an upload and a batch may exist remotely
-    "uploaded",  # input file uploaded, batch not yet created
     "submitted",  # batch created; batch_status follows the remote batch
     "terminal",  # batch reached a terminal status, results not yet collected
     "collected",  # output and error files parsed into results/errors Parquet
-    "superseded",  # a failed batch (e.g. token limit) whose rows moved to a new attempt
 ]
 
 RunStatus = Literal[
-    "prepared", "submitting", "waiting", "collected", "loaded", "failed", "abandoned"
+    "prepared", "submitting", "waiting", "collected", "loaded", "abandoned"
 ]  # fmt: skip
 
 

@@ -140,9 +140,7 @@ def last_errors(errors: pa.Table) -> dict[str, dict[str, Any]]:
     return latest
 
 
-def dead_letter_row(
-    custom_id: str, row_id: str, error: dict[str, Any] | None, max_attempts: int
-) -> dict[str, Any]:
+def dead_letter_row(custom_id: str, row_id: str, error: dict[str, Any] | None) -> dict[str, Any]:
     if error is None:
         return {
             "custom_id": custom_id, "row_id": row_id, "reason": "missing", "code": "missing",
@@ -438,9 +436,7 @@ class _Join:
                 if cid not in bucket.prepared:
                     self.not_in_run += 1  # appeared in the source after prepare: not in this run
                     continue
-                self.dead_rows.append(
-                    dead_letter_row(cid, str(value), bucket.errors.get(cid), job.retry.max_attempts)
-                )
+                self.dead_rows.append(dead_letter_row(cid, str(value), bucket.errors.get(cid)))
                 self.dead += 1
             if len(self.dead_rows) >= SCAN_ROWS:
                 self._flush_dead()

@@ -25,7 +25,6 @@ from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -660,7 +659,3 @@ def _duplicate_error(
 
 def count_selected(dataset: ds.Dataset, expression: ds.Expression | None) -> int:
     return int(dataset.count_rows(filter=expression))
-
-
-def id_values_as_text(values: pa.Array) -> pa.Array:
-    return pc.cast(values, pa.string())

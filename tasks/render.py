@@ -14,7 +14,7 @@ import copy
 import hashlib
 import re
 import string
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -344,9 +344,3 @@ def _formatted(column: pa.Array, spec: str, conversion: str | None) -> pa.Array:
         ],
         pa.string(),
     )
-
-
-def iter_custom_ids(lines: Iterable[bytes]) -> Iterator[str]:
-    for raw in lines:
-        if raw.strip():
-            yield orjson.loads(raw)["custom_id"]

@@ -86,7 +86,7 @@ def run_status_from_shards(manifest: RunManifest) -> str:
     """The run status the shard states amount to (loaded, failed and abandoned are kept as they are)."""
     if manifest.status in ("loaded", "abandoned"):
         return manifest.status
-    states = {s.state for s in manifest.shards if s.state != "superseded"}
+    states = {s.state for s in manifest.shards}
     if not states or states == {"collected"}:
         return "collected"
     if states & {"prepared", "submitting"}:

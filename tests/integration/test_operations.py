@@ -48,7 +48,9 @@ def test_status_shows_attempts_and_errors_by_reason(
         }
     )
     assert main(["run", str(path), "--run-date", RUN_DATE, "--poll-interval", "0.1"]) == 0
-    capsys.readouterr()
+    summary = capsys.readouterr().out
+    assert "enriched      : 38 (0 served from the result cache)" in summary
+    assert "dead-lettered : 2" in summary
     assert main(["status", str(path)]) == 0
     out = capsys.readouterr().out
     assert f"triage-{RUN_DATE}: loaded" in out
