@@ -1,0 +1,151 @@
+"""The emulator's per-line work, timed: validation, line processing, output file, on one input file.
+
+    .venv/bin/python benchmarks/emulator_throughput.py [--input FILE.jsonl] [--lines N] [--profile]
+
+Without `--input` it makes a synthetic chat shard like the benchmark's (benchmarks/bench.py: products
+table, system prompt, template, JSON-schema response format). Prints seconds per phase and lines/s; with
+`--profile`, the top of a cProfile of the whole run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+ENDPOINT = "/v1/chat/completions"
+
+
+def synthetic_shard(rows: int) -> bytes:
+    """`rows` chat request lines as the benchmark's prepare writes them."""
+    import orjson
+    import pyarrow as pa
+
+    from benchmarks.bench import CHAT_SCHEMA, SYSTEM_PROMPT, TEMPLATE
+    from benchmarks.synth import iter_product_chunks
+    from tasks.render import strict_schema
+
+    table = pa.concat_tables(iter_product_chunks(rows))
+    schema = strict_schema(CHAT_SCHEMA)
+    titles = table.column("title").to_pylist()
+    categories = table.column("category").to_pylist()
+    descriptions = table.column("description").to_pylist()
+    skus = table.column("sku").to_pylist()
+    out = []
+    for sku, title, category, description in zip(
+        skus, titles, categories, descriptions, strict=True
+    ):
+        body = {
+            "model": "gpt-4o-mini",
+            "max_tokens": 120,
+            "temperature": 0,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "output", "schema": schema, "strict": True},
+            },
+            "messages": [
+                {"role": "system", "content": SYSTEM_PROMPT},
+                {
+                    "role": "user",
+                    "content": TEMPLATE.format(
+                        title=title, category=category, description=description
+                    ),
+                },
+            ],
+        }
+        line = {"custom_id": f"r-{sku}", "method": "POST", "url": ENDPOINT, "body": body}
+        out.append(orjson.dumps(line))
+    return b"\n".join(out) + b"\n"
+
+
+def run(data: bytes) -> dict[str, Any]:
+    from emulator.config import EmulatorConfig
+    from emulator.faults import FaultCounters
+    from emulator.lines import file_content, process_line
+    from emulator.models import BatchRecord
+    from emulator.validation import validate_input
+
+    config = EmulatorConfig(clock_scale=1e6, lines_per_second=1e9)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    validation = validate_input(data, ENDPOINT, config)
+    timings["validate"] = time.perf_counter() - started
+    assert not validation.errors, validation.errors[:3]
+    batch = BatchRecord(
+        id="batch_bench",
+        seq=1,
+        input_file_id="file-bench",
+        endpoint=ENDPOINT,
+        created_t=1.8e9,
+        expires_t=1.8e9 + 86400,
+        validation_due_t=1.8e9,
+        status="in_progress",
+        in_progress_t=1.8e9,
+        total=len(validation.lines),
+        lines_per_second=config.lines_per_second,
+        pace_t=1.8e9,
+    )
+    counters = FaultCounters()
+    started = time.perf_counter()
+    records = [
+        process_line(batch, k, line, tokens, config, counters)
+        for k, (line, tokens) in enumerate(
+            zip(validation.lines, validation.prompt_tokens, strict=True)
+        )
+    ]
+    timings["process"] = time.perf_counter() - started
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        from emulator.store import StateStore
+
+        store = StateStore(Path(tmp))
+        (store.batches_dir / batch.id).mkdir(parents=True)
+        for start in range(0, len(records), 256):
+            store.append_results(batch.id, records[start : start + 256])
+        timings["persist"] = time.perf_counter() - started
+        started = time.perf_counter()
+        stored = store.read_results(batch.id)
+        items = [(r["custom_id"], r["line"]) for r in stored if r["ok"]]
+        content = file_content(items, batch, shuffle=True)
+        timings["output"] = time.perf_counter() - started
+    timings["total"] = sum(timings.values())
+    return {"lines": len(records), "output_bytes": len(content), "seconds": timings}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", type=Path, help="a chat request JSONL file (default: synthetic)")
+    parser.add_argument("--lines", type=int, default=20_000, help="at most this many lines")
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args(argv)
+    if args.input is not None:
+        data = b"".join(args.input.read_bytes().splitlines(keepends=True)[: args.lines])
+    else:
+        data = synthetic_shard(args.lines)
+    profiler = cProfile.Profile() if args.profile else None
+    if profiler is not None:
+        profiler.enable()
+    result = run(data)
+    if profiler is not None:
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    lines = result["lines"]
+    for phase, seconds in result["seconds"].items():
+        print(f"{phase:>9}: {seconds:7.2f} s  {lines / seconds:10,.0f} lines/s")
+    print(
+        f"{lines:,} lines, {len(data) / 1e6:.1f} MB in, {result['output_bytes'] / 1e6:.1f} MB out"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
