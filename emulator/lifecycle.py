@@ -26,7 +26,7 @@ from emulator.lines import file_content, process_line, unfinished_line
 from emulator.models import BatchRecord, FileRecord
 from emulator.store import StateStore
 from emulator.validation import InputLine, Validation, batch_error, parse_lines, validate_input
-from tasks.tokens import count_request_tokens
+from tasks.tokens import count_requests_tokens
 
 DEFAULT_FILE_TTL = 30 * 86400
 CHUNK_LINES = 256
@@ -245,7 +245,7 @@ class Lifecycle:
         running = self._running.get(batch.id)
         if running is None:
             lines = parse_lines(self.store.input_path(batch.id).read_bytes())
-            tokens = [count_request_tokens(batch.endpoint, line.body) for line in lines]
+            tokens = count_requests_tokens(batch.endpoint, [line.body for line in lines])
             running = self._running[batch.id] = RunningBatch(lines, tokens)
         return running
 

@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from emulator.config import EmulatorConfig
-from tasks.tokens import count_request_tokens, embedding_inputs
+from tasks.tokens import count_requests_tokens, embedding_inputs
 
 ENDPOINT_NAMES = {
     "/v1/chat/completions": "Chat Completions",
@@ -191,5 +191,5 @@ def validate_input(data: bytes, endpoint: str, config: EmulatorConfig) -> Valida
                 )
             )
     if not result.errors:
-        result.prompt_tokens = [count_request_tokens(endpoint, line.body) for line in result.lines]
+        result.prompt_tokens = count_requests_tokens(endpoint, [line.body for line in result.lines])
     return result

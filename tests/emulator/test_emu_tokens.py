@@ -1,0 +1,60 @@
+"""The emulator's batch token count equals the pipeline's per-request rule exactly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tasks.tokens import count_request_tokens, count_requests_tokens
+
+SYSTEM = "You are terse. Answer in one word."
+
+
+def _bodies(endpoint: str) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for i in range(300):
+        text = f"Review {i}: {'loved it ' * (i % 7)}ünïcödé 日本語 😀 {i * 7919}"
+        if endpoint == "/v1/embeddings":
+            body: dict[str, Any] = {
+                "model": "text-embedding-3-small" if i % 2 else "text-embedding-ada-002",
+                "input": text if i % 3 else [text, SYSTEM, ""],
+            }
+        elif endpoint == "/v1/responses":
+            body = {"model": "gpt-4o-mini", "input": text}
+            if i % 2:
+                body["instructions"] = SYSTEM
+            if i % 5 == 0:
+                body["input"] = [
+                    {"role": "user", "content": [{"type": "input_text", "text": text}]},
+                    {"role": "assistant", "content": "ok", "name": "bot"},
+                ]
+        else:
+            body = {
+                "model": "gpt-4o-mini" if i % 4 else "gpt-4",  # two encodings in one list
+                "messages": [
+                    {"role": "system", "content": SYSTEM},
+                    {"role": "user", "content": text, "name": f"user{i % 3}"},
+                ],
+            }
+            if i % 6 == 0:
+                body["messages"].append(
+                    {"role": "user", "content": [{"type": "text", "text": text}, {"x": 1}]}
+                )
+        out.append(body)
+    return out
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/chat/completions", "/v1/responses", "/v1/embeddings"])
+@pytest.mark.parametrize("threads,chunk", [(1, 1024), (2, 16)])
+def test_batch_count_equals_per_request_count(endpoint: str, threads: int, chunk: int) -> None:
+    bodies = _bodies(endpoint)
+    expected = [count_request_tokens(endpoint, body) for body in bodies]
+    assert count_requests_tokens(endpoint, bodies, threads=threads, chunk=chunk) == expected
+
+
+def test_lone_surrogates_are_counted_as_tiktoken_counts_them() -> None:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "a\ud800b"}]}
+    endpoint = "/v1/chat/completions"
+    assert count_requests_tokens(endpoint, [body]) == [count_request_tokens(endpoint, body)]
+    assert count_requests_tokens(endpoint, []) == []
