@@ -39,6 +39,11 @@ def seed_int(*parts: object) -> int:
     return int.from_bytes(digest(*parts)[:8], "big")
 
 
+def seed_of_bytes(label: str, data: bytes) -> int:
+    """`seed_int` for a label and a (large) byte string, hashed as they are."""
+    return int.from_bytes(hashlib.sha256(label.encode() + b"\x1f" + data).digest()[:8], "big")
+
+
 def unit(*parts: object) -> float:
     """A deterministic number in [0, 1)."""
     return seed_int(*parts) / 2**64

@@ -13,13 +13,15 @@ import base64
 import random
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import orjson
+import tiktoken
 
 from emulator.config import EmulatorConfig
-from emulator.ids import base62_id, hex_id, seed_int
+from emulator.ids import base62_id, hex_id, seed_int, seed_of_bytes
 from emulator.schema_gen import SchemaGenerator
 from tasks.tokens import (
     count_text,
@@ -46,6 +48,10 @@ _FALLBACK_WORDS = [
     "signal",
     "note",
 ]
+# Replies draw their words from the start of each input text: enough words for variety, at a cost that
+# does not grow with the prompt.
+WORDS_PREFIX_CHARS = 512
+_WORD = re.compile(r"[^\W_]+")
 _EFFORT_FACTOR = {"none": 0.0, "minimal": 0.0, "low": 0.5, "medium": 1.0, "high": 2.0, "xhigh": 3.0}
 
 
@@ -108,15 +114,27 @@ def _canonical(body: dict[str, Any]) -> bytes:
     return orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
 
 
+def _text_words(text: str) -> list[str]:
+    """The words of a text's first WORDS_PREFIX_CHARS characters (whole words only)."""
+    if len(text) <= WORDS_PREFIX_CHARS:
+        return _WORD.findall(text)
+    words = _WORD.findall(text, 0, WORDS_PREFIX_CHARS)
+    cut = WORDS_PREFIX_CHARS
+    if words and _WORD.match(text, cut) and _WORD.match(text, cut - 1):  # the last word is cut
+        words.pop()
+    return words
+
+
 def _words(messages: list[dict[str, Any]]) -> list[str]:
-    texts: list[str] = []
+    words: list[str] = []
     for message in messages:
         content = message.get("content")
         if isinstance(content, str):
-            texts.append(content)
+            words += _text_words(content)
         elif isinstance(content, list):
-            texts.extend(p.get("text", "") for p in content if isinstance(p, dict))
-    words = re.findall(r"[^\W_]+", " ".join(texts))
+            for part in content:
+                if isinstance(part, dict):
+                    words += _text_words(str(part.get("text", "")))
     return words if len(words) >= 3 else words + _FALLBACK_WORDS
 
 
@@ -131,12 +149,22 @@ def _content(fmt: dict[str, Any] | None, schema: Any, words: list[str], rng: ran
     return "Emulated reply: " + " ".join(picked) + "."
 
 
-def _reasoning_tokens(model: str, effort: Any, body: dict[str, Any], cfg: EmulatorConfig) -> int:
+def _reasoning_tokens(model: str, effort: Any, canonical: bytes, cfg: EmulatorConfig) -> int:
     if not any(model.startswith(prefix) for prefix in cfg.reasoning_model_prefixes):
         return 0
     factor = _EFFORT_FACTOR.get(str(effort), 1.0) if effort is not None else 1.0
-    rng = random.Random(seed_int("reasoning", _canonical(body)))
+    rng = random.Random(seed_of_bytes("reasoning", canonical))
     return int(rng.randint(cfg.reasoning_tokens_min, cfg.reasoning_tokens_max) * factor)
+
+
+@lru_cache(maxsize=256)
+def _encoding(model: str) -> tiktoken.Encoding:
+    return encoding_for_model(model)
+
+
+@lru_cache(maxsize=256)
+def _fingerprint(model: str) -> str:
+    return "fp_" + hex_id("fingerprint", model, length=10)
 
 
 def _cached_tokens(prompt_tokens: int, cfg: EmulatorConfig) -> int:
@@ -155,7 +183,7 @@ class _Generation:
 
 def _generate(model: str, text: str, reasoning: int, limit: Any) -> _Generation:
     """Apply the completion-token limit: reasoning first, then as much text as fits."""
-    encoding = encoding_for_model(model)
+    encoding = _encoding(model)
     tokens = encoding.encode_ordinary(text)
     if not isinstance(limit, int) or isinstance(limit, bool):
         return _Generation(text, len(tokens), reasoning, False)
@@ -185,12 +213,13 @@ def _billed(prompt: int, cached: int, output: int, reasoning: int) -> dict[str, 
 def chat_completion(body: dict[str, Any], prompt_tokens: int, ctx: LineContext) -> Reply:
     model = body["model"]
     cfg = ctx.config
-    rng = random.Random(seed_int("content", _canonical(body)))
+    canonical = _canonical(body)
+    rng = random.Random(seed_of_bytes("content", canonical))
     fmt = _obj(body.get("response_format")) or None
     schema = _obj((fmt or {}).get("json_schema")).get("schema")
     text = _content(fmt, schema, _words(body.get("messages") or []), rng)
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
-    reasoning = _reasoning_tokens(model, body.get("reasoning_effort"), body, cfg)
+    reasoning = _reasoning_tokens(model, body.get("reasoning_effort"), canonical, cfg)
     gen = _generate(model, text, reasoning, limit)
     cached = _cached_tokens(prompt_tokens, cfg)
     completion = gen.text_tokens + gen.reasoning_tokens
@@ -220,7 +249,7 @@ def chat_completion(body: dict[str, Any], prompt_tokens: int, ctx: LineContext) 
             },
         },
         "service_tier": "default",
-        "system_fingerprint": "fp_" + hex_id("fingerprint", model, length=10),
+        "system_fingerprint": _fingerprint(model),
     }
     return Reply(200, reply, _billed(prompt_tokens, cached, completion, gen.reasoning_tokens))
 
@@ -228,12 +257,13 @@ def chat_completion(body: dict[str, Any], prompt_tokens: int, ctx: LineContext) 
 def responses(body: dict[str, Any], prompt_tokens: int, ctx: LineContext) -> Reply:
     model = body["model"]
     cfg = ctx.config
-    rng = random.Random(seed_int("content", _canonical(body)))
+    canonical = _canonical(body)
+    rng = random.Random(seed_of_bytes("content", canonical))
     fmt = _obj(_obj(body.get("text")).get("format")) or None
     schema = fmt.get("schema") if fmt else None
     text = _content(fmt, schema, _words(responses_messages(body)), rng)
     effort = _obj(body.get("reasoning")).get("effort")
-    reasoning = _reasoning_tokens(model, effort, body, cfg)
+    reasoning = _reasoning_tokens(model, effort, canonical, cfg)
     gen = _generate(model, text, reasoning, body.get("max_output_tokens"))
     cached = _cached_tokens(prompt_tokens, cfg)
     output_tokens = gen.text_tokens + gen.reasoning_tokens
