@@ -14,6 +14,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
+from itertools import repeat
 from typing import IO, Any
 
 import numpy as np
@@ -87,18 +88,25 @@ def _iter_lines(handle: IO[bytes]) -> Iterator[dict[str, Any]]:
             yield orjson.loads(raw)
 
 
-def _iter_chunks(handle: IO[bytes], size: int = CHUNK_BYTES) -> Iterator[bytes]:
-    """The file in pieces of about `size` bytes, each ending at the end of a line."""
+def _iter_chunks(handle: IO[bytes], size: int = CHUNK_BYTES) -> Iterator[memoryview]:
+    """The file in pieces of about `size` bytes, each ending at the end of a line. Each piece is a
+    view of a fresh buffer the file is read into: no copy, and no buffer is reused while a piece
+    may still be parsed on another thread."""
     handle.seek(0)
     rest = b""
-    while block := handle.read(size):
-        block = rest + block
-        cut = block.rfind(b"\n") + 1
-        rest = block[cut:]
+    while True:
+        block = bytearray(len(rest) + size)
+        block[: len(rest)] = rest
+        got = handle.readinto(memoryview(block)[len(rest) :])  # type: ignore[attr-defined]
+        if not got:
+            break
+        end = len(rest) + got
+        cut = block.rfind(b"\n", 0, end) + 1
+        rest = bytes(block[cut:end])
         if cut:
-            yield block[:cut]
+            yield memoryview(block)[:cut]
     if rest.strip():
-        yield rest
+        yield memoryview(rest)
 
 
 class _Expected:
@@ -107,7 +115,7 @@ class _Expected:
 
     def __init__(self, custom_ids: list[str]) -> None:
         self.ids = custom_ids
-        self.index = {cid: i for i, cid in enumerate(custom_ids)}
+        self.index: dict[str | None, int] = {cid: i for i, cid in enumerate(custom_ids)}
         self.seen = np.zeros(len(custom_ids), bool)
 
     def keep(self, custom_id: Any) -> bool:
@@ -117,8 +125,21 @@ class _Expected:
         self.seen[i] = True
         return True
 
-    def keep_all(self, custom_ids: list[Any]) -> np.ndarray:
-        return np.fromiter(map(self.keep, custom_ids), bool, len(custom_ids))
+    def keep_all(self, custom_ids: list[str | None]) -> np.ndarray:
+        """`keep` of each custom_id (a string or None) in order, vectorised: the index lookups run in C (`map` over
+        `dict.get`), repeats within the list and of earlier lists are found with numpy."""
+        n = len(custom_ids)
+        if not n:
+            return np.zeros(0, bool)
+        found = np.fromiter(map(self.index.get, custom_ids, repeat(-1, n)), np.int64, n)
+        known = np.flatnonzero(found >= 0)
+        positions = found[known]
+        _, first = np.unique(positions, return_index=True)  # the first line of each custom_id
+        fresh = known[first][~self.seen[positions[first]]]
+        self.seen[found[fresh]] = True
+        keep = np.zeros(n, bool)
+        keep[fresh] = True
+        return keep
 
     def never_seen(self) -> list[str]:
         return [self.ids[i] for i in np.flatnonzero(~self.seen)]
@@ -186,12 +207,12 @@ def collect_shard(
 
 
 def _read_ahead(
-    parser: LineParser, chunks: Iterator[bytes]
-) -> Iterator[tuple[bytes, pa.Table | None]]:
+    parser: LineParser, chunks: Iterator[memoryview]
+) -> Iterator[tuple[memoryview, pa.Table | None]]:
     """Each chunk with its lines read by Arrow (`LineParser.read_lines`), read on background
     threads READ_AHEAD chunks ahead: the JSON reader releases the GIL, so it overlaps the rest."""
     with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="nightbatch-collect") as pool:
-        pending: deque[tuple[bytes, Future[pa.Table | None]]] = deque()
+        pending: deque[tuple[memoryview, Future[pa.Table | None]]] = deque()
         for chunk in chunks:
             pending.append((chunk, pool.submit(parser.read_lines, chunk)))
             if len(pending) > READ_AHEAD:
@@ -204,7 +225,7 @@ def _read_ahead(
 
 def _collect_chunk(
     parser: LineParser,
-    chunk: bytes,
+    chunk: memoryview,
     table: pa.Table | None,
     lines: _Expected,
     results: _TableSink,
@@ -212,7 +233,7 @@ def _collect_chunk(
     """Parse one chunk: results go to the sink, error rows are returned."""
     if table is None:  # a line of another shape: this chunk line by line
         errors = []
-        for line in (orjson.loads(raw) for raw in chunk.split(b"\n") if raw.strip()):
+        for line in (orjson.loads(raw) for raw in bytes(chunk).split(b"\n") if raw.strip()):
             if lines.keep(line.get("custom_id")):
                 kind, row = parser.parse(line)
                 if kind == "result":

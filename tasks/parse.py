@@ -16,7 +16,6 @@ left to `parse` line by line; /v1/responses lines always are.
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
@@ -202,7 +201,7 @@ class LineParser:
 
     # ---- whole chunks ----------------------------------------------------------------------------
 
-    def read_lines(self, data: bytes) -> pa.Table | None:
+    def read_lines(self, data: bytes | memoryview) -> pa.Table | None:
         """The fields parsing reads, of every line of a chunk of JSONL (blank lines skipped), or None
         when this endpoint's lines are parsed one by one or a line does not have the expected shape
         and types (then parse that chunk line by line)."""
@@ -210,7 +209,7 @@ class LineParser:
             return None
         try:
             return pj.read_json(
-                io.BytesIO(data),
+                pa.BufferReader(pa.py_buffer(data)),
                 read_options=pj.ReadOptions(block_size=READ_BLOCK_BYTES),
                 parse_options=pj.ParseOptions(
                     explicit_schema=self.line_schema, unexpected_field_behavior="ignore"
@@ -300,16 +299,14 @@ class LineParser:
         texts only). Arrow's JSON reader takes one-line objects; a text it may read differently
         from `parse` (a key absent or null, a type to coerce, not valid JSON) is left out, to go
         through `parse`."""
-        candidate = _mask(pc.starts_with(texts, "{"))
-        if _joined_lines(texts).to_pybytes().count(b"\n") > len(texts):  # a text spans lines
-            candidate &= ~_mask(pc.match_substring(texts, "\n"))
+        candidate = _mask(pc.starts_with(texts, "{")) & ~_mask(pc.match_substring(texts, "\n"))
         rows = np.flatnonzero(candidate)
         if not len(rows):
             return candidate, {f.name: pa.array([], f.type) for f in self.fields}
         chosen = texts if len(rows) == len(texts) else texts.take(pa.array(rows))
         try:
             table = pj.read_json(
-                io.BytesIO(_joined_lines(chosen)),
+                pa.BufferReader(_joined_lines(chosen)),
                 parse_options=pj.ParseOptions(
                     explicit_schema=pa.schema(self.fields), unexpected_field_behavior="ignore"
                 ),

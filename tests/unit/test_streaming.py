@@ -528,3 +528,73 @@ def test_billing_outcomes_bill_what_gathered_outcomes_bill(tmp_path: Path) -> No
     assert "response_text" not in light.results.column_names
     assert billed_usage_by_model(light) == billed_usage_by_model(full)
     assert light.errors.num_rows == full.errors.num_rows and light.prepared_ids == full.prepared_ids
+
+
+# ---- collect: every expected line counted once, whatever the chunking ---------------------------
+
+
+class _Files:
+    """Downloads from bytes in memory (a stand-in for the Batch API's file content)."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+
+    def download(self, file_id: str, sink: Any) -> int:
+        sink.write(self.files[file_id])
+        return len(self.files[file_id])
+
+
+@pytest.mark.parametrize("chunk_bytes", [97, 4 << 20])
+def test_collect_keeps_the_first_line_of_each_expected_id_once(
+    tmp_path: Path, chunk_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Repeated lines (within a chunk and across chunks) count once, the first one wins; lines of
+    ids the shard never sent are ignored; ids that never came back are `missing`."""
+    from benchmarks.bench import CHAT_SCHEMA
+    from benchmarks.synth import chat_output_lines
+    from schemas.manifest import Shard
+    from tasks import collect
+
+    monkeypatch.setattr(collect, "CHUNK_BYTES", chunk_bytes)
+    expected = [f"r-{i}" for i in range(60)]
+    store = ObjectStore()
+    job = JobSpec.model_validate(
+        {
+            "name": "c",
+            "source": {"uri": str(tmp_path / "s.parquet"), "id_column": "id"},
+            "request": {"model": "gpt-4o-mini", "template": "{t}", "output_schema": CHAT_SCHEMA},
+            "output_uri": str(tmp_path / "out"),
+            "storage_root": str(tmp_path / "state"),
+        }
+    )
+    layout = RunLayout(job.storage_root, job.name, "2026-01-01")
+    store.write_table(
+        layout.ids_file(1, 0), pa.table({"custom_id": pa.array(expected, pa.string())})
+    )
+    lines = list(chat_output_lines(expected[:55], seed=3, errors=0.0))
+    first = {cid: orjson.loads(line) for cid, line in zip(expected[:55], lines, strict=True)}
+    again = [orjson.loads(lines[i]) for i in (0, 7, 40)]
+    for line in again:  # a later copy of a line, with another answer: must not win
+        line["response"]["body"]["choices"][0]["message"]["content"] = orjson.dumps(
+            {"summary": "second copy", "audience": "x", "score": 1}
+        ).decode()
+    stranger = dict(orjson.loads(lines[1]), custom_id="r-not-in-shard")
+    ordered = [*lines[:10], orjson.dumps(again[0]) + b"\n", orjson.dumps(stranger) + b"\n"]
+    ordered += [*lines[10:], orjson.dumps(again[1]) + b"\n", orjson.dumps(again[2]) + b"\n"]
+    shard = Shard(
+        shard_id="a1-s00000", attempt=1, index=0, request_uri="unused", lines=60, bytes=1,
+        input_tokens=1, embedding_inputs=60, sha256="0", state="terminal", batch_id="batch_1",
+        batch_status="completed", output_file_id="file-out",
+    )  # fmt: skip
+    api = _Files({"file-out": b"".join(ordered)})
+    results_uri, errors_uri, counts = collect.collect_shard(job, layout, shard, store, api)  # type: ignore[arg-type]
+    results = store.read_table(results_uri).to_pylist()
+    errors = store.read_table(errors_uri).to_pylist()
+    assert sorted(r["custom_id"] for r in results) == sorted(expected[:55])
+    by_id = {r["custom_id"]: r for r in results}
+    for cid in ("r-0", "r-7", "r-40"):
+        want = orjson.loads(first[cid]["response"]["body"]["choices"][0]["message"]["content"])
+        assert by_id[cid]["summary"] == want["summary"] != "second copy"
+    assert sorted(e["custom_id"] for e in errors) == expected[55:]
+    assert {e["kind"] for e in errors} == {"missing"}
+    assert (counts.succeeded, counts.failed, counts.missing) == (55, 5, 5)
