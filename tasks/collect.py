@@ -5,7 +5,9 @@ against the shard's id sidecar, so lines that never came back are found and reco
 
 Memory stays bounded whatever the file size (an embeddings output file is GBs): each file is spooled
 to local disk, then read in chunks of about CHUNK_BYTES; each chunk is parsed into Arrow columns
-(`LineParser.read_lines` / `parse_table`) and appended to the Parquet file as a row group."""
+(`LineParser.read_lines` / `parse_table_indexed`, on background threads) and appended to the
+Parquet file as a row group; which lines count (the first line of each id the shard sent) is decided
+in file order on the calling thread."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
+from dataclasses import dataclass
 from itertools import repeat
 from typing import IO, Any
 
@@ -27,7 +30,7 @@ from schemas.manifest import Shard, ShardCounts
 from schemas.tables import ERRORS_SCHEMA, results_schema
 from tasks.batch_api import BatchApi
 from tasks.layout import RunLayout
-from tasks.parse import LineParser
+from tasks.parse import LineParser, ParsedLines
 from tasks.storage import ObjectStore
 
 FLUSH_ROWS = 2000
@@ -191,8 +194,8 @@ def collect_shard(
                 continue
             spool = stack.enter_context(tempfile.TemporaryFile())
             api.download(file_id, spool)
-            for chunk, table in _read_ahead(parser, _iter_chunks(spool)):
-                for row in _collect_chunk(parser, chunk, table, lines, results):
+            for chunk, parsed in _read_ahead(parser, _iter_chunks(spool)):
+                for row in _collect_chunk(parser, chunk, parsed, lines, results):
                     errors.add(row)
                     counts.retryable += 1 if row["retryable"] else 0
         for custom_id in lines.never_seen():
@@ -208,13 +211,13 @@ def collect_shard(
 
 def _read_ahead(
     parser: LineParser, chunks: Iterator[memoryview]
-) -> Iterator[tuple[memoryview, pa.Table | None]]:
-    """Each chunk with its lines read by Arrow (`LineParser.read_lines`), read on background
-    threads READ_AHEAD chunks ahead: the JSON reader releases the GIL, so it overlaps the rest."""
+) -> Iterator[tuple[memoryview, ParsedChunk | None]]:
+    """Each chunk with its lines read and parsed (`_parse_chunk`) on background threads, READ_AHEAD
+    chunks ahead: Arrow's JSON reader and kernels release the GIL, so they overlap the rest."""
     with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="nightbatch-collect") as pool:
-        pending: deque[tuple[memoryview, Future[pa.Table | None]]] = deque()
+        pending: deque[tuple[memoryview, Future[ParsedChunk | None]]] = deque()
         for chunk in chunks:
-            pending.append((chunk, pool.submit(parser.read_lines, chunk)))
+            pending.append((chunk, pool.submit(_parse_chunk, parser, chunk)))
             if len(pending) > READ_AHEAD:
                 done, future = pending.popleft()
                 yield done, future.result()
@@ -223,15 +226,30 @@ def _read_ahead(
             yield done, future.result()
 
 
+@dataclass
+class ParsedChunk:
+    custom_ids: list[str | None]  # of every line, in order
+    parsed: ParsedLines
+
+
+def _parse_chunk(parser: LineParser, chunk: memoryview) -> ParsedChunk | None:
+    """Every line of a chunk parsed (`LineParser.parse_table_indexed`), or None when Arrow cannot
+    read it (then it is parsed line by line). Pure: which lines count is decided in order, later."""
+    table = parser.read_lines(chunk)
+    if table is None:
+        return None
+    return ParsedChunk(table.column("custom_id").to_pylist(), parser.parse_table_indexed(table))
+
+
 def _collect_chunk(
     parser: LineParser,
     chunk: memoryview,
-    table: pa.Table | None,
+    parsed: ParsedChunk | None,
     lines: _Expected,
     results: _TableSink,
 ) -> list[dict[str, Any]]:
-    """Parse one chunk: results go to the sink, error rows are returned."""
-    if table is None:  # a line of another shape: this chunk line by line
+    """Keep the lines of a chunk that count: results go to the sink, error rows are returned."""
+    if parsed is None:  # a line of another shape: this chunk line by line
         errors = []
         for line in (orjson.loads(raw) for raw in bytes(chunk).split(b"\n") if raw.strip()):
             if lines.keep(line.get("custom_id")):
@@ -241,7 +259,6 @@ def _collect_chunk(
                 else:
                     errors.append(row)
         return errors
-    keep = lines.keep_all(table.column("custom_id").to_pylist())
-    found, errors = parser.parse_table(table.filter(pa.array(keep)))
-    results.add_table(found)
-    return errors
+    kept = parsed.parsed.kept(lines.keep_all(parsed.custom_ids))
+    results.add_table(kept.results)
+    return kept.errors

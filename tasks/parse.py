@@ -16,6 +16,7 @@ left to `parse` line by line; /v1/responses lines always are.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -54,6 +55,29 @@ _ZERO_USAGE = {k: 0 for k in _usage_columns("/v1/embeddings", None)}
 
 class InvalidOutput(ValueError):
     pass
+
+
+_NO_LINES = np.zeros(0, np.int64)
+
+
+@dataclass
+class ParsedLines:
+    """The result rows and error rows of a chunk's lines, and the line each came from."""
+
+    results: pa.Table
+    result_lines: np.ndarray
+    errors: list[dict[str, Any]]
+    error_lines: np.ndarray
+
+    def kept(self, keep: np.ndarray) -> ParsedLines:
+        """Only the rows of the lines where `keep` is true."""
+        results = self.results
+        if not keep[self.result_lines].all():
+            results = results.filter(pa.array(keep[self.result_lines]))
+        errors = [
+            row for row, i in zip(self.errors, self.error_lines.tolist(), strict=True) if keep[i]
+        ]
+        return ParsedLines(results, _NO_LINES, errors, _NO_LINES)
 
 
 def _check_value(name: str, value: Any, arrow_type: pa.DataType) -> Any:
@@ -221,10 +245,15 @@ class LineParser:
     def parse_table(self, lines: pa.Table) -> tuple[pa.Table, list[dict[str, Any]]]:
         """The result rows (a table in the results schema) and the error rows of lines read by
         `read_lines`, each line classified as `parse` classifies it."""
+        parsed = self.parse_table_indexed(lines)
+        return parsed.results, parsed.errors
+
+    def parse_table_indexed(self, lines: pa.Table) -> ParsedLines:
+        """`parse_table`, with the line each result and error row came from."""
         lines = lines.combine_chunks()
         response = lines.column("response").chunk(0) if lines.num_rows else None
         if response is None:
-            return self.schema.empty_table(), []
+            return ParsedLines(self.schema.empty_table(), _NO_LINES, [], _NO_LINES)
         status = pc.struct_field(response, "status_code")
         body = pc.struct_field(response, "body")
         listed = pc.struct_field(body, "data" if self.endpoint == "/v1/embeddings" else "choices")
@@ -242,13 +271,25 @@ class LineParser:
             columns["model"] = pc.struct_field(body, "model").take(pa.array(rows[ok]))
         results: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
-        for line in lines.filter(pa.array(~fast)).to_pylist():
+        result_lines, error_lines = [], []
+        slow = np.flatnonzero(~fast)
+        for i, line in zip(slow.tolist(), lines.take(pa.array(slow)).to_pylist(), strict=True):
             kind, row = self.parse(line)
-            (results if kind == "result" else errors).append(row)
+            if kind == "result":
+                results.append(row)
+                result_lines.append(i)
+            else:
+                errors.append(row)
+                error_lines.append(i)
         table = self._result_table(lines.column("custom_id").filter(pa.array(fast)), columns)
         if results:
             table = pa.concat_tables([table, pa.Table.from_pylist(results, schema=self.schema)])
-        return table, errors
+        return ParsedLines(
+            table,
+            np.concatenate([np.flatnonzero(fast), np.array(result_lines, np.int64)]),
+            errors,
+            np.array(error_lines, np.int64),
+        )
 
     def _fast_columns(
         self, first: pa.Array, usage: pa.Array
