@@ -2,23 +2,68 @@
 
     .venv/bin/python benchmarks/e2e.py --rows 1000000
 
-Uses the benchmark's products table and chat job (benchmarks/bench.py), the emulator in-process
-with a clock fast enough that batches finish as soon as the emulator has produced their lines, and
-the `pipeline` flow (prepare, submit, wait, collect, retry-failures, load) on an embedded Prefect."""
+Uses the benchmark's products table and chat job (benchmarks/bench.py), the emulator with a clock
+fast enough that batches finish as soon as the emulator has produced their lines, and the `pipeline`
+flow (prepare, submit, wait, collect, retry-failures, load) on an embedded Prefect. The emulator runs
+as its own process (`python -m emulator`), as the real API is remote: it does not share this
+process's GIL; `--in-process` runs it in a thread of this process instead."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a live process so far (Linux), else None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@contextlib.contextmanager
+def emulator_process(
+    state: Path, config: dict[str, object], cpu: dict[str, float]
+) -> Iterator[str]:
+    """`python -m emulator` on a free port; yields its base URL, stops it (SIGTERM) at the end and
+    puts the CPU seconds it used in `cpu["emulator"]`."""
+    config_file = state / "emulator-config.json"
+    config_file.write_text(json.dumps(config))
+    log = state / "emulator.log"
+    command = [sys.executable, "-m", "emulator", "--port", "0", "--state-dir", str(state / "emu")]
+    with log.open("w") as sink:
+        process = subprocess.Popen([*command, "--config", str(config_file)], cwd=ROOT, stderr=sink)
+    try:
+        deadline = time.monotonic() + 60
+        while (found := re.search(r"listening on (\S+)", log.read_text())) is None:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"emulator did not start: {log.read_text()}")
+            time.sleep(0.05)
+        yield found.group(1)
+    finally:
+        used = cpu_seconds(process.pid)
+        if used is not None:
+            cpu["emulator"] = used
+        process.terminate()
+        process.wait(timeout=30)
+    if process.returncode != 0:
+        print(f"emulator exited with {process.returncode}: {log.read_text()}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clock-scale", type=float, default=1e6)
     parser.add_argument("--lines-per-second", type=float, default=1e9)
     parser.add_argument("--poll-interval", type=float, default=1.0)
+    parser.add_argument(
+        "--in-process", action="store_true", help="the emulator in a thread of this process"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -42,22 +90,34 @@ def main(argv: list[str] | None = None) -> int:
     run_child("generate", workdir, args.rows)
     job = job_spec(workdir, args.rows)
     shutil.rmtree(workdir / f"run-{args.rows}", ignore_errors=True)
-    config = EmulatorConfig(
-        clock_scale=args.clock_scale,
-        lines_per_second=args.lines_per_second,
-        shuffle_output=True,
-    )
+    settings = {
+        "clock_scale": args.clock_scale,
+        "lines_per_second": args.lines_per_second,
+        "shuffle_output": True,
+    }
     state = Path(tempfile.mkdtemp(prefix="nightbatch-e2e-emulator-"))
-    with EmulatorServer(state, config=config) as server:
-        os.environ["OPENAI_BASE_URL"] = server.base_url
+    cpu: dict[str, float] = {}
+    with contextlib.ExitStack() as stack:
+        if args.in_process:
+            server = stack.enter_context(
+                EmulatorServer(state, config=EmulatorConfig.model_validate(settings))
+            )
+            base_url = server.base_url
+        else:
+            base_url = stack.enter_context(emulator_process(state, settings, cpu))
+        os.environ["OPENAI_BASE_URL"] = base_url
         os.environ["OPENAI_API_KEY"] = "emulator-key"
         from flows.stages import pipeline
 
-        started = time.perf_counter()
+        started, own = time.perf_counter(), time.process_time()
         result = pipeline(job, run_date="2026-01-01", poll_interval_seconds=args.poll_interval)
         seconds = time.perf_counter() - started
+        cpu["this process"] = time.process_time() - own
     shutil.rmtree(state, ignore_errors=True)
     print(f"\nnightbatch run of {args.rows:,} rows on the emulator: {seconds:.1f} s, {result}")
+    load = os.getloadavg()[0]
+    used = ", ".join(f"{name} {value:.1f} s" for name, value in cpu.items())
+    print(f"CPU: {used} (load average at the end {load:.2f}, {os.cpu_count()} CPUs)")
     return 0
 
 

@@ -50,8 +50,9 @@ _FALLBACK_WORDS = [
 ]
 # Replies draw their words from the start of each input text: enough words for variety, at a cost that
 # does not grow with the prompt.
-WORDS_PREFIX_CHARS = 512
+WORDS_PREFIX_CHARS = 256
 _WORD = re.compile(r"[^\W_]+")
+_short_text_words: dict[str, list[str]] = {}
 _EFFORT_FACTOR = {"none": 0.0, "minimal": 0.0, "low": 0.5, "medium": 1.0, "high": 2.0, "xhigh": 3.0}
 
 
@@ -116,13 +117,18 @@ def _canonical(body: dict[str, Any]) -> bytes:
 
 def _text_words(text: str) -> list[str]:
     """The words of a text's first WORDS_PREFIX_CHARS characters (whole words only)."""
-    if len(text) <= WORDS_PREFIX_CHARS:
-        return _WORD.findall(text)
-    words = _WORD.findall(text, 0, WORDS_PREFIX_CHARS)
-    cut = WORDS_PREFIX_CHARS
-    if words and _WORD.match(text, cut) and _WORD.match(text, cut - 1):  # the last word is cut
-        words.pop()
-    return words
+    if len(text) > WORDS_PREFIX_CHARS:
+        words = _WORD.findall(text, 0, WORDS_PREFIX_CHARS)
+        cut = WORDS_PREFIX_CHARS
+        if words and _WORD.match(text, cut) and _WORD.match(text, cut - 1):  # the last word is cut
+            words.pop()
+        return words
+    found = _short_text_words.get(text)  # short texts, such as a system prompt, often repeat
+    if found is None:
+        if len(_short_text_words) >= 4096:
+            _short_text_words.clear()
+        found = _short_text_words[text] = _WORD.findall(text)
+    return found
 
 
 def _words(messages: list[dict[str, Any]]) -> list[str]:

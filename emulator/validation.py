@@ -60,7 +60,7 @@ def _raw_lines(data: bytes) -> list[tuple[int, bytes]]:
 
 
 def _check_line(
-    raw: bytes, endpoint: str, config: EmulatorConfig
+    raw: bytes, endpoint: str, config: EmulatorConfig, supported: dict[str, bool]
 ) -> tuple[InputLine | None, dict[str, Any] | None]:
     """(the parsed line, None) or (None, an error without its line number)."""
     try:
@@ -104,7 +104,10 @@ def _check_line(
             f"{ENDPOINT_NAMES[endpoint]}: Streaming is not supported in the Batch API.",
             "body.stream",
         )
-    if not model_supported(model, config):
+    known = supported.get(model)
+    if known is None:
+        known = supported[model] = model_supported(model, config)
+    if not known:
         return None, batch_error(
             "model_not_found",
             f"The provided model '{model}' is not supported by the Batch API.",
@@ -168,8 +171,9 @@ def validate_input(data: bytes, endpoint: str, config: EmulatorConfig) -> Valida
         )
         return result
     seen: set[str] = set()
+    supported: dict[str, bool] = {}
     for number, raw in raw_lines:
-        line, error = _check_line(raw, endpoint, config)
+        line, error = _check_line(raw, endpoint, config, supported)
         if line is not None:
             error = _cross_check(line, seen, result.model)
             line = None if error is not None else line
