@@ -66,7 +66,7 @@ def change_rows(source: Path, target: Path, every: int) -> int:
 
     changed = 0
     reader = pq.ParquetFile(source)
-    with pq.ParquetWriter(target, reader.schema_arrow) as writer:
+    with pq.ParquetWriter(target, reader.schema_arrow, compression="zstd") as writer:
         offset = 0
         for batch in reader.iter_batches(batch_size=65536):
             mask = pa.array(np.arange(offset, offset + batch.num_rows) % every == 0)
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
     every = round(1 / args.changed)
     changed_source = workdir / f"products-{args.rows}-changed.parquet"
-    changed = change_rows(source_path(workdir, args.rows), changed_source, every)
+    changed = change_rows(source_path(workdir, args.rows), changed_source, every)  # zstd, as night 1
     job2 = job.model_copy(
         update={"source": job.source.model_copy(update={"uri": str(changed_source)})}
     )

@@ -58,6 +58,9 @@ def cache_key(endpoint: str, body_json: bytes | memoryview) -> bytes:
     return digest.digest()[:KEY_BYTES]
 
 
+_KEY_PREFIX = hashlib.sha256(b"\x00" + PARSE_RULES_VERSION.encode() + b"\x00")  # cache_key("", ...)
+
+
 LINE_PREFIX = b'{"custom_id":"'
 
 
@@ -81,16 +84,19 @@ def keys_of_rendered(rendered: Any) -> list[bytes]:
     covers what follows `{"custom_id":"<id>",` up to the newline."""
     from tasks.render import value_offsets
 
-    ids = rendered.custom_ids.to_pylist()
     if rendered.lines is not None:
         return [cache_key_from_line(line) for line in rendered.lines]
     offsets = value_offsets(rendered.data)
-    buffer = memoryview(rendered.data.buffers()[2])
     skip = len(LINE_PREFIX) + 2  # the prefix, then the closing quote and comma after the id
+    starts = (offsets[:-1] + skip + np.diff(value_offsets(rendered.custom_ids))).tolist()
+    ends = (offsets[1:] - 1).tolist()  # the newline is not part of the key
+    buffer = memoryview(rendered.data.buffers()[2])
+    fresh = _KEY_PREFIX.copy
     keys = []
-    for i, custom_id in enumerate(ids):
-        start = int(offsets[i]) + skip + len(custom_id.encode())
-        keys.append(cache_key("", buffer[start : int(offsets[i + 1]) - 1]))
+    for start, end in zip(starts, ends, strict=True):
+        digest = fresh()
+        digest.update(buffer[start:end])
+        keys.append(digest.digest()[:KEY_BYTES])
     return keys
 
 
@@ -154,13 +160,15 @@ class HitRecorder:
         self.lock = threading.Lock()
         self.hits = 0
 
-    def split(self, rendered: Any) -> Any:
+    def split(self, rendered: Any) -> np.ndarray | None:
+        """Record the rows of `rendered` whose request is cached; returns which rows are misses
+        (to be sent), or None when every row is."""
         if not len(self.index) or not len(rendered):
-            return rendered
+            return None
         keys = keys_of_rendered(rendered)
         hit = self.index.contains(keys)
         if not hit.any():
-            return rendered
+            return None
         table = pa.table(
             {
                 "custom_id": rendered.custom_ids.filter(pa.array(hit)),
@@ -173,7 +181,7 @@ class HitRecorder:
         with self.lock:
             self.writer.write_table(table)
             self.hits += table.num_rows
-        return rendered.select(~hit)
+        return ~hit
 
     def close(self) -> None:
         self.writer.close()

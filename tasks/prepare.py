@@ -34,7 +34,7 @@ from schemas.tables import IDS_SCHEMA, LINEAGE_FIELDS, output_fields
 from tasks.cache import CacheIndex, HitRecorder
 from tasks.errors import BadInputError
 from tasks.layout import RunLayout
-from tasks.render import RenderedBatch, RequestRenderer, custom_id_for
+from tasks.render import RenderedBatch, RequestRenderer, concat_rendered, custom_id_for
 from tasks.storage import ObjectStore
 from tasks.tokens import TextTokenCounter, count_request_tokens
 
@@ -551,6 +551,43 @@ class RequestTokens:
         self.counter.close()
 
 
+class MissBuffer:
+    """The rows a cache lookup left to send, gathered (in order) into batches of RENDER_BATCH_ROWS
+    before their tokens are counted: a sampled count of the misses' own population stays within
+    its bound whichever rows missed, and a batch of a few rows would be counted row by row."""
+
+    def __init__(self, tokens: RequestTokens, packer: ShardPacker) -> None:
+        self.tokens = tokens
+        self.packer = packer
+        self.held: list[RenderedBatch] = []
+        self.rows = 0
+        self.counting: deque[tuple[RenderedBatch, Callable[[], np.ndarray]]] = deque()
+
+    def add(self, rendered: RenderedBatch) -> None:
+        if len(rendered):
+            self.held.append(rendered)
+            self.rows += len(rendered)
+        if self.rows >= RENDER_BATCH_ROWS:
+            self._count()
+        while len(self.counting) > 1:  # one batch counting while the one before is packed
+            self._pack()
+
+    def finish(self) -> None:
+        self._count()
+        while self.counting:
+            self._pack()
+
+    def _count(self) -> None:
+        if self.held:
+            merged = concat_rendered(self.held)
+            self.counting.append((merged, self.tokens.submit(merged)))
+            self.held, self.rows = [], 0
+
+    def _pack(self) -> None:
+        rendered, counted = self.counting.popleft()
+        self.packer.add_rendered(rendered, counted())
+
+
 def _id_hashes(custom_ids: pa.Array) -> np.ndarray:
     values = custom_ids.to_pylist()
     return np.fromiter(map(hash, values), np.int64, len(values))
@@ -579,25 +616,35 @@ def write_shards(
     id_column = job.source.id_column
     hashes: list[np.ndarray] = []
     rows = 0
-    in_flight: deque[Future[tuple[RenderedBatch, Callable[[], np.ndarray], pa.Array]]] = deque()
+    in_flight: deque[Future[tuple[RenderedBatch, Callable[[], np.ndarray] | None, pa.Array]]]
+    in_flight = deque()
     hits_file = contextlib.ExitStack()
     hits: HitRecorder | None = None
+    misses: MissBuffer | None = None
     if cache_index is not None and len(cache_index):
         hits = HitRecorder(
             cache_index, hits_file.enter_context(store.open_atomic(layout.cache_hits))
         )
+        misses = MissBuffer(tokens, packer)
 
-    def render(batch: pa.RecordBatch) -> tuple[RenderedBatch, Callable[[], np.ndarray], pa.Array]:
+    def render(
+        batch: pa.RecordBatch,
+    ) -> tuple[RenderedBatch, Callable[[], np.ndarray] | None, pa.Array]:
         rendered = renderer.render_batch(batch, id_column)
         every_id = rendered.custom_ids
-        if hits is not None:  # rows whose exact request succeeded before are not sent again
-            rendered = hits.split(rendered)
-        return rendered, tokens.submit(rendered), every_id
+        if hits is None:
+            return rendered, tokens.submit(rendered), every_id
+        sent = hits.split(rendered)  # rows whose exact request succeeded before are not sent
+        return rendered if sent is None else rendered.select(sent), None, every_id
 
     def pack_oldest() -> None:
         rendered, counted, every_id = in_flight.popleft().result()
         hashes.append(_id_hashes(every_id))
-        packer.add_rendered(rendered, counted())
+        if counted is not None:
+            packer.add_rendered(rendered, counted())
+        else:
+            assert misses is not None
+            misses.add(rendered)
 
     try:
         scan = iter_source_batches(dataset, columns, expression, filter_columns(job))
@@ -609,6 +656,8 @@ def write_shards(
                 pack_oldest()
         while in_flight:
             pack_oldest()
+        if misses is not None:
+            misses.finish()
         dupes = _duplicate_ids(np.concatenate(hashes)) if hashes else np.array([])
         if len(dupes):
             raise _duplicate_error(dataset, id_column, expression, set(dupes.tolist()), job)

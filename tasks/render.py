@@ -203,6 +203,39 @@ class RenderedBatch:
         return memoryview(self.data.buffers()[2])[offsets[start] : offsets[stop]]
 
 
+def concat_rendered(batches: list[RenderedBatch]) -> RenderedBatch:
+    """One rendered batch of these batches' lines, in order (of one renderer: all framed or all
+    per-row)."""
+    if len(batches) == 1:
+        return batches[0]
+    first = batches[0]
+
+    def arrays(name: str) -> pa.Array | None:
+        if getattr(first, name) is None:
+            return None
+        return pa.concat_arrays([getattr(b, name) for b in batches])
+
+    def numbers(name: str) -> np.ndarray | None:
+        if getattr(first, name) is None:
+            return None
+        return np.concatenate([getattr(b, name) for b in batches])
+
+    def items(name: str) -> list[Any] | None:
+        if getattr(first, name) is None:
+            return None
+        return [item for b in batches for item in getattr(b, name)]
+
+    return RenderedBatch(
+        custom_ids=pa.concat_arrays([b.custom_ids for b in batches]),
+        lengths=np.concatenate([b.lengths for b in batches]),
+        data=arrays("data"),
+        texts=arrays("texts"),
+        text_lengths=numbers("text_lengths"),
+        lines=items("lines"),
+        bodies=items("bodies"),
+    )
+
+
 class RequestRenderer:
     """Builds the request body for a row of a job's source. Static parts are built once."""
 

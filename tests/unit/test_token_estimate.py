@@ -185,3 +185,32 @@ def test_auto_is_exact_for_small_jobs(tmp_path: Path) -> None:
     result = write_shards(job, ObjectStore(), RunLayout(job.storage_root, job.name, "2026-01-01"))
     assert result.tokens_exact
     assert result.shards[0].input_tokens == _exact_shard_tokens(result.shards[0].request_uri)
+
+
+def test_shard_token_counts_of_an_incremental_night_never_undercount(tmp_path: Path) -> None:
+    """With most requests cached (all but the shortest fifth), the shards of the misses carry
+    sampled estimates taken from whole batches at their rows: never below the exact count, never
+    far above."""
+    from tasks.cache import CacheIndex, cache_key_from_line
+
+    pq.write_table(product_chunk(0, 20_000, 3, mean_chars=300.0), tmp_path / "products.parquet")
+    job = _job(tmp_path, "sampled", max_lines_per_shard=2000)
+    store = ObjectStore()
+    night1 = write_shards(job, store, RunLayout(job.storage_root, job.name, "2026-01-01"))
+    lines = []
+    for shard in night1.shards:
+        with open(shard.request_uri, "rb") as handle:
+            lines += list(handle)
+    short = np.quantile([len(line) for line in lines], 0.2)  # the short rows are the misses
+    cached = [cache_key_from_line(line) for line in lines if len(line) > short]
+    night2 = write_shards(
+        job,
+        store,
+        RunLayout(job.storage_root, job.name, "2026-01-02"),
+        cache_index=CacheIndex.from_keys(cached),
+    )
+    assert night2.cache_hits == len(cached)
+    assert sum(s.lines for s in night2.shards) == 20_000 - len(cached)
+    for shard in night2.shards:
+        exact = _exact_shard_tokens(shard.request_uri)
+        assert exact <= shard.input_tokens <= exact * (1 + 2 * SAMPLED_ERROR_BOUND)
