@@ -58,7 +58,8 @@ def fill_cache(job: object, shards: list, store: object) -> int:  # type: ignore
 
 
 def change_rows(source: Path, target: Path, every: int) -> int:
-    """Copy the table, appending to the description of every `every`-th row (streamed)."""
+    """Copy the table (zstd, as the original), appending to the description of every `every`-th
+    row (streamed)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
     every = round(1 / args.changed)
     changed_source = workdir / f"products-{args.rows}-changed.parquet"
-    changed = change_rows(source_path(workdir, args.rows), changed_source, every)  # zstd, as night 1
+    changed = change_rows(source_path(workdir, args.rows), changed_source, every)
     job2 = job.model_copy(
         update={"source": job.source.model_copy(update={"uri": str(changed_source)})}
     )
