@@ -1,7 +1,8 @@
 """The emulator's engine: state (loaded from and saved to the state directory), the Files and Batches
 operations the API calls, the worker thread that moves batches along (see `lifecycle`), and the admin
 controls. One lock guards all state; the worker processes lines in chunks so that API calls stay
-responsive, and validates input files outside the lock.
+responsive. Input files are validated outside the lock by a second thread, so that one batch's
+validation (mostly token counting, which runs without the GIL) overlaps another's lines.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import logging
 import math
 import threading
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +42,10 @@ class Engine(Lifecycle):
         self.batches: dict[str, BatchRecord] = {}
         self._running: dict[str, RunningBatch] = {}
         self._wake = threading.Event()
+        self._wake_validator = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._validator: threading.Thread | None = None
         self._load()
 
     # ------------------------------------------------------------------ startup / worker
@@ -57,29 +61,47 @@ class Engine(Lifecycle):
 
     def start(self) -> None:
         self._stop.clear()
-        self._thread = threading.Thread(target=self._work, name="emulator-engine", daemon=True)
-        self._thread.start()
+        self._thread = threading.Thread(
+            target=self._loop, args=(self._advance_open, self._wake), name="emulator-engine"
+        )
+        self._validator = threading.Thread(
+            target=self._loop,
+            args=(self._validate_due, self._wake_validator),
+            name="emulator-validate",
+        )
+        for thread in (self._thread, self._validator):
+            thread.daemon = True
+            thread.start()
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        self._wake_validator.set()
+        for thread in (self._thread, self._validator):
+            if thread is not None:
+                thread.join()
+        self._thread = self._validator = None
 
-    def _work(self) -> None:
+    def _loop(self, step: Callable[[float], None], wake: threading.Event) -> None:
         while not self._stop.is_set():
             try:
-                self.tick()
-            except Exception:  # keep the worker alive; the failing batch is retried next tick
-                log.exception("emulator worker tick failed")
-            self._wake.wait(self.config.tick_seconds)
-            self._wake.clear()
+                step(self.clock.now())
+            except Exception:  # keep the thread alive; the failing batch is retried next time
+                log.exception("emulator worker failed")
+            wake.wait(self.config.tick_seconds)
+            wake.clear()
+
+    def _validated(self) -> None:
+        """A batch has become in_progress (or failed): the worker takes it up at once."""
+        self._wake.set()
 
     def tick(self) -> None:
         """Bring every open batch up to the current emulated time."""
         now = self.clock.now()
         self._validate_due(now)
+        self._advance_open(now)
+
+    def _advance_open(self, now: float) -> None:
         with self.lock:
             open_ids = [b.id for b in self._ordered() if not b.terminal]
         for batch_id in open_ids:
@@ -170,7 +192,7 @@ class Engine(Lifecycle):
             )
             self.batches[batch.id] = batch
             self.store.save_batch(batch)
-        self._wake.set()
+        self._wake_validator.set()
         return batch
 
     def get_batch(self, batch_id: str) -> BatchRecord:
@@ -219,11 +241,13 @@ class Engine(Lifecycle):
             self.counters.reset(paths)
             self.config = new
         self._wake.set()
+        self._wake_validator.set()
         return new
 
     def advance_clock(self, seconds: float) -> float:
         self.clock.advance(seconds)
         self._wake.set()
+        self._wake_validator.set()
         return self.clock.now()
 
     def route_call(self, route: str) -> RouteFault | None:

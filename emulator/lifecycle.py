@@ -35,10 +35,13 @@ ACTIVE = ("in_progress", "finalizing", "cancelling")
 
 @dataclass
 class RunningBatch:
-    """In-memory part of a started batch: its parsed lines and their prompt tokens."""
+    """In-memory part of a started batch: its parsed lines, their prompt tokens and, when this process
+    ran every finished line (no restart in between), their (custom_id, ok, serialized line) results,
+    so the output files are written without reading results.jsonl back."""
 
     lines: list[InputLine]
     prompt_tokens: list[int] = field(default_factory=list)
+    results: list[tuple[str, bool, str]] | None = None
 
 
 class Lifecycle:
@@ -52,6 +55,9 @@ class Lifecycle:
     files: dict[str, FileRecord]
     batches: dict[str, BatchRecord]
     _running: dict[str, RunningBatch]
+
+    def _validated(self) -> None:
+        """Called after each validation (the Engine wakes its worker)."""
 
     def _ordered(self) -> list[BatchRecord]:
         return sorted(self.batches.values(), key=lambda b: b.seq)
@@ -104,6 +110,7 @@ class Lifecycle:
                 batch = self.batches[batch_id]
                 if batch.status == "validating":
                     self._finish_validation(batch, validation, data)
+            self._validated()
 
     def _finish_validation(
         self, batch: BatchRecord, validation: Validation | None, data: bytes | None
@@ -149,7 +156,7 @@ class Lifecycle:
         ):
             self.counters.expire_used += 1
             batch.expire_after_lines = math.floor(expire.fraction * batch.total)
-        self._running[batch.id] = RunningBatch(validation.lines, validation.prompt_tokens)
+        self._running[batch.id] = RunningBatch(validation.lines, validation.prompt_tokens, [])
         self.store.save_batch(batch)
 
     def _fail(self, batch: BatchRecord, when: float, errors: list[dict[str, Any]]) -> None:
@@ -202,6 +209,8 @@ class Lifecycle:
             self.store.append_results(batch.id, records)
             for record in records:
                 self._count(batch, record)
+            if running.results is not None:
+                running.results.extend((r["custom_id"], r["ok"], r["line"]) for r in records)
         if batch.done < target:
             self.store.save_batch(batch)
             return True
@@ -255,8 +264,19 @@ class Lifecycle:
         """Write the output and error files from the results (plus never-run lines, if any)."""
         good: list[tuple[str, str]] = []
         bad: list[tuple[str, str]] = []
-        for record in self.store.read_results(batch.id):
-            (good if record["ok"] else bad).append((record["custom_id"], record["line"]))
+        running = self._running.get(batch.id)
+        if (
+            running is not None
+            and running.results is not None
+            and len(running.results) == batch.done
+        ):
+            results = running.results
+        else:
+            results = [
+                (r["custom_id"], r["ok"], r["line"]) for r in self.store.read_results(batch.id)
+            ]
+        for custom_id, ok, text in results:
+            (good if ok else bad).append((custom_id, text))
         if unfinished is not None and batch.done < batch.total:
             lines = self._runtime(batch).lines
             for line in lines[batch.done :]:

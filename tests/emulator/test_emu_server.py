@@ -24,7 +24,11 @@ def test_context_manager_serves_and_cleans_up(tmp_path: Path) -> None:
     with EmulatorServer(tmp_path / "s") as server:
         assert server.port > 0
         assert server.base_url == f"http://127.0.0.1:{server.port}/v1"
-        assert sorted(_emulator_threads()) == ["emulator-engine", "emulator-http"]
+        assert sorted(_emulator_threads()) == [
+            "emulator-engine",
+            "emulator-http",
+            "emulator-validate",
+        ]
         with OpenAI(base_url=server.base_url, api_key="k", max_retries=0) as client:
             assert client.batches.list().data == []
     assert _emulator_threads() == []
