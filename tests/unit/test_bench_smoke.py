@@ -14,7 +14,7 @@ def test_benchmark_runs_at_a_tiny_size(tmp_path: Path, capsys: pytest.CaptureFix
     out = tmp_path / "results.json"
     assert bench.main(["--rows", "1500", "--workdir", str(tmp_path), "--json", str(out)]) == 0
     table = capsys.readouterr().out
-    for stage in ("prepare", "naive", "collect", "collect (4 threads)", "load"):
+    for stage in ("prepare", "floor", "naive", "collect", "collect (4 threads)", "load"):
         assert f"| {stage} " in table
     results = json.loads(out.read_text())
     assert results["prepare"]["rows"] == 1500 and results["prepare"]["tokens"] == "exact"
