@@ -27,10 +27,8 @@ from tasks.costreport import past_output_mean
 from tasks.crashpoints import crash_point
 from tasks.errors import BudgetExceededError, TerminalError
 from tasks.load import (
-    billed_usage_by_model,
-    billing_outcomes,
-    cached_usage_by_model,
     cost_table,
+    run_billing,
     succeeded_ids_and_errors,
     write_output,
 )
@@ -395,16 +393,16 @@ def load_stage(manifest: RunManifest, store: ObjectStore) -> RunManifest:
         )
     loaded = write_output(manifest, store)
     crash_point("before-load-commit")
-    outcomes = billing_outcomes(manifest, store)
+    billing = run_billing(manifest, store)
     now = utc_now()
     records = cost_records(
         manifest,
-        billed_usage_by_model(outcomes),
+        billing.billed,
         succeeded=loaded.rows_written - manifest.cache_hits,
-        failed=outcomes.errors.num_rows,
+        failed=billing.error_rows,
         dead_lettered=loaded.rows_dead_lettered,
         loaded_at=now,
-        cached_usage_by_model=cached_usage_by_model(outcomes),
+        cached_usage_by_model=billing.cached,
     )
     layout = manifest_layout(manifest)
     store.write_table(layout.cost_record, cost_table(records))

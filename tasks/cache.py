@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas.job import JobSpec
-from schemas.tables import results_schema
+from schemas.tables import USAGE_FIELDS, results_schema
 from tasks.layout import join_uri
 from tasks.storage import ObjectStore
 
@@ -243,18 +243,28 @@ class ResultCache:
         return uri
 
     def read_entries(
-        self, wanted: set[bytes], max_age_days: float | None, now: datetime
+        self,
+        wanted: set[bytes],
+        max_age_days: float | None,
+        now: datetime,
+        columns: list[str] | None = None,
     ) -> pa.Table:
-        """The newest live entry of each wanted key (full 16-byte match)."""
+        """The newest live entry of each wanted key (full 16-byte match), with `columns` only (the
+        key and its creation time are always read)."""
         wanted_array = pa.array(list(wanted), pa.binary(KEY_BYTES))
+        schema = self.schema
+        if columns is not None:
+            names = {"cache_key", "created_at", *columns}
+            schema = pa.schema([f for f in self.schema if f.name in names])
         found = []
         for uri in self.segments():
-            table = self._live(self.store.read_table(uri), max_age_days, now)
+            table = self.store.read_table(uri, columns=schema.names)
+            table = self._live(table, max_age_days, now)
             table = table.filter(pc.is_in(table.column("cache_key"), value_set=wanted_array))
             if table.num_rows:
-                found.append(table.cast(self.schema))
+                found.append(table.cast(schema))
         if not found:
-            return self.schema.empty_table()
+            return schema.empty_table()
         merged = pa.concat_tables(found).sort_by(
             [("cache_key", "ascending"), ("created_at", "descending")]
         )
@@ -320,6 +330,14 @@ def cache_report(store: ObjectStore, root: str) -> list[dict[str, Any]]:
         size = sum(store.size(u) for u in uris)
         rows.append({"namespace": name, "segments": len(uris), "entries": entries, "bytes": size})
     return rows
+
+
+def served_usage(cache: ResultCache, store: ObjectStore, hits_uri: str, now: datetime) -> pa.Table:
+    """custom_id, model and usage of each row `served_results` serves (no output columns read)."""
+    hits = store.read_table(hits_uri)
+    usage = ["model", *(f.name for f in USAGE_FIELDS)]
+    entries = cache.read_entries(set(hits.column("cache_key").to_pylist()), None, now, usage)
+    return hits.join(entries, keys="cache_key", join_type="inner")
 
 
 def served_results(

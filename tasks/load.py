@@ -35,7 +35,7 @@ from schemas.tables import (
     output_fields,
     results_schema,
 )
-from tasks.cache import ResultCache, served_results
+from tasks.cache import ResultCache, served_results, served_usage
 from tasks.layout import output_file
 from tasks.prepare import (
     filter_columns,
@@ -48,70 +48,44 @@ from tasks.render import custom_ids_for
 from tasks.runs import manifest_layout
 from tasks.storage import ObjectStore
 
+USAGE_COLUMNS = (
+    "input_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+)
+
 
 @dataclass
-class Outcomes:
-    results: pa.Table  # one row per succeeded custom_id (sent by this run)
-    errors: pa.Table  # every error row of every attempt
-    prepared_ids: set[str]
-    cached: pa.Table | None = None  # rows served from the result cache (results + cached_from_run)
+class RunBilling:
+    """What the cost record needs of a run's outcomes: token totals per model of every billed line
+    (succeeded, or completed with invalid output), of the rows served from the cache, and how many
+    error rows there were."""
 
-    def all_results(self) -> pa.Table:
-        """Fresh and cached results together, `cached_from_run` null for the fresh ones."""
-        fresh = self.results.append_column(
-            "cached_from_run", pa.nulls(self.results.num_rows, pa.string())
-        )
-        return fresh if self.cached is None else pa.concat_tables([fresh, self.cached])
+    billed: dict[str, dict[str, int]]
+    cached: dict[str, dict[str, int]]
+    error_rows: int
 
 
-def gather_outcomes(
-    manifest: RunManifest, store: ObjectStore, with_outputs: bool = True
-) -> Outcomes:
-    """Every outcome of a run, in memory. `with_outputs=False` leaves the output columns (text,
-    structured fields, embedding vectors) out of `results`: what the cost record needs (model,
-    usage, counts) stays, and an embeddings run no longer loads every vector (see
-    `billing_outcomes`)."""
-    layout = manifest_layout(manifest)
-    schema = results_schema(manifest.job.request)
-    if not with_outputs:
-        outputs = {f.name for f in output_fields(manifest.job.request)}
-        schema = pa.schema([f for f in schema if f.name not in outputs])
-    results = [
-        store.read_table(s.results_uri, columns=schema.names)
-        for s in manifest.shards
-        if s.results_uri
-    ]
-    errors = [store.read_table(s.errors_uri) for s in manifest.shards if s.errors_uri]
-    prepared: set[str] = set()
+def run_billing(manifest: RunManifest, store: ObjectStore) -> RunBilling:
+    """`RunBilling` of a run, shard by shard: only the model, usage and id columns are read (never
+    the outputs), one shard at a time."""
+    billed: dict[str, dict[str, int]] = {}
+    error_rows = 0
+    wanted = ["custom_id", "model", *USAGE_COLUMNS]
     for shard in manifest.shards:
-        if shard.attempt == 1:
-            ids = store.read_table(layout.ids_file(shard.attempt, shard.index))
-            prepared.update(ids.column("custom_id").to_pylist())
-    cached = None
+        if shard.results_uri:
+            _add_usage(billed, store.read_table(shard.results_uri, columns=wanted))
+        if shard.errors_uri:
+            errors = store.read_table(shard.errors_uri, columns=[*wanted, "billed"])
+            error_rows += errors.num_rows
+            _add_usage(billed, errors.filter(pc.field("billed")))
+    cached: dict[str, dict[str, int]] = {}
     if manifest.cache_hits_uri:
-        cached = served_results(
-            ResultCache(store, manifest.job.storage_root, manifest.job),
-            store,
-            manifest.cache_hits_uri,
-            datetime.now(UTC),
-        )
-        hit_ids = store.read_table(manifest.cache_hits_uri, columns=["custom_id"]).column(0)
-        prepared.update(hit_ids.to_pylist())
-    results_table = (
-        pa.concat_tables([t.cast(schema) for t in results]) if results else schema.empty_table()
-    )
-    errors_table = (
-        pa.concat_tables([t.cast(ERRORS_SCHEMA) for t in errors])
-        if errors
-        else ERRORS_SCHEMA.empty_table()
-    )
-    return Outcomes(results_table, errors_table, prepared, cached)
-
-
-def billing_outcomes(manifest: RunManifest, store: ObjectStore) -> Outcomes:
-    """`gather_outcomes` without the output columns: for `billed_usage_by_model` and the counts of
-    the cost record, at a fraction of the memory."""
-    return gather_outcomes(manifest, store, with_outputs=False)
+        cache = ResultCache(store, manifest.job.storage_root, manifest.job)
+        _add_usage(cached, served_usage(cache, store, manifest.cache_hits_uri, datetime.now(UTC)))
+    return RunBilling(billed, cached, error_rows)
 
 
 def succeeded_ids_and_errors(
@@ -491,57 +465,20 @@ def _chunked(array: Any) -> pa.ChunkedArray:
     return array if isinstance(array, pa.ChunkedArray) else pa.chunked_array([array])
 
 
-def billed_usage_by_model(outcomes: Outcomes) -> dict[str, dict[str, int]]:
-    """Token totals of every billed line (succeeded, or completed with invalid output), per model."""
-    return usage_by_model([outcomes.results, outcomes.errors.filter(pc.field("billed"))])
-
-
-def cached_usage_by_model(outcomes: Outcomes) -> dict[str, dict[str, int]]:
-    """Token totals of the rows served from the cache: what they would have cost to send again."""
-    return usage_by_model([outcomes.cached] if outcomes.cached is not None else [])
-
-
-def usage_by_model(tables: list[pa.Table]) -> dict[str, dict[str, int]]:
-    usage: dict[str, dict[str, int]] = {}
-    for table in tables:
-        if table.num_rows == 0:
-            continue
-        grouped = table.group_by("model").aggregate(
-            [
-                (c, "sum")
-                for c in (
-                    "input_tokens",
-                    "cached_tokens",
-                    "cache_write_tokens",
-                    "output_tokens",
-                    "reasoning_tokens",
-                )
-            ]
-            + [("custom_id", "count")]
+def _add_usage(usage: dict[str, dict[str, int]], table: pa.Table) -> None:
+    """Add a table's lines and token sums, per model, to `usage`."""
+    if table.num_rows == 0:
+        return
+    grouped = table.group_by("model").aggregate(
+        [(c, "sum") for c in USAGE_COLUMNS] + [("custom_id", "count")]
+    )
+    for row in grouped.to_pylist():
+        acc = usage.setdefault(
+            row["model"] or "unknown", {"lines": 0, **dict.fromkeys(USAGE_COLUMNS, 0)}
         )
-        for row in grouped.to_pylist():
-            model = row["model"] or "unknown"
-            acc = usage.setdefault(
-                model,
-                {
-                    "lines": 0,
-                    "input_tokens": 0,
-                    "cached_tokens": 0,
-                    "cache_write_tokens": 0,
-                    "output_tokens": 0,
-                    "reasoning_tokens": 0,
-                },
-            )
-            acc["lines"] += row["custom_id_count"]
-            for key in (
-                "input_tokens",
-                "cached_tokens",
-                "cache_write_tokens",
-                "output_tokens",
-                "reasoning_tokens",
-            ):
-                acc[key] += row[f"{key}_sum"] or 0
-    return usage
+        acc["lines"] += row["custom_id_count"]
+        for key in USAGE_COLUMNS:
+            acc[key] += row[f"{key}_sum"] or 0
 
 
 def cost_table(records: list[dict[str, Any]]) -> pa.Table:

@@ -520,14 +520,35 @@ def _row_no(row_id: str) -> int:
     return int(row_id.rsplit("-", 1)[1])
 
 
-def test_billing_outcomes_bill_what_gathered_outcomes_bill(tmp_path: Path) -> None:
-    from tasks.load import billed_usage_by_model, billing_outcomes, gather_outcomes
+def test_run_billing_sums_every_billed_line_per_model(tmp_path: Path) -> None:
+    from schemas.tables import ERRORS_SCHEMA
+    from tasks.load import USAGE_COLUMNS, run_billing
 
     manifest, store = _collected_run(tmp_path)
-    light, full = billing_outcomes(manifest, store), gather_outcomes(manifest, store)
-    assert "response_text" not in light.results.column_names
-    assert billed_usage_by_model(light) == billed_usage_by_model(full)
-    assert light.errors.num_rows == full.errors.num_rows and light.prepared_ids == full.prepared_ids
+    with_errors = next(s for s in manifest.shards if s.errors_uri)
+    rows = pq.read_table(with_errors.errors_uri).to_pylist()
+    for i, row in enumerate(rows[::2]):  # invalid outputs: billed, with usage
+        row.update(
+            billed=True, model="gpt-4o-mini-2024-07-18", input_tokens=10 + i, output_tokens=3
+        )
+    pq.write_table(pa.Table.from_pylist(rows, schema=ERRORS_SCHEMA), with_errors.errors_uri)
+    results = pa.concat_tables(
+        [pq.read_table(s.results_uri) for s in manifest.shards if s.results_uri]
+    ).to_pylist()
+    errors = pa.concat_tables(
+        [pq.read_table(s.errors_uri) for s in manifest.shards if s.errors_uri]
+    ).to_pylist()
+    billed_lines = results + [e for e in errors if e["billed"]]
+    assert len(billed_lines) > len(results) > 0  # some error lines are billed too
+    want: dict[str, dict[str, int]] = {}
+    for line in billed_lines:
+        acc = want.setdefault(line["model"], {"lines": 0, **dict.fromkeys(USAGE_COLUMNS, 0)})
+        acc["lines"] += 1
+        for key in USAGE_COLUMNS:
+            acc[key] += line[key]
+    billing = run_billing(manifest, store)
+    assert billing.billed == want and len(want) == 2
+    assert billing.error_rows == len(errors) and billing.cached == {}
 
 
 # ---- collect: every expected line counted once, whatever the chunking ---------------------------
