@@ -7,16 +7,19 @@ Everything else, and rows out of attempts, stays failed and is dead-lettered by 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 
 import orjson
 import pyarrow as pa
 
 from schemas.manifest import RunManifest, Shard
+from tasks.cache import custom_id_of_line
 from tasks.layout import RunLayout
 from tasks.prepare import ShardPacker
 from tasks.storage import ObjectStore
-from tasks.tokens import count_request_tokens
+from tasks.tokens import count_requests_tokens
 
 FREE_RETRY_CODES = {"token_limit_exceeded"}  # the batch never ran: no attempt used
 
@@ -57,27 +60,34 @@ def plan_retries(errors: pa.Table, succeeded: set[str], max_attempts: int) -> Re
     return plan
 
 
+RETRY_GROUP_LINES = 4096  # planned lines whose tokens are counted together
+
+
+def _groups(lines: Iterator[bytes], size: int) -> Iterator[list[bytes]]:
+    while group := list(islice(lines, size)):
+        yield group
+
+
 def write_retry_shards(
     manifest: RunManifest, plan: RetryPlan, store: ObjectStore, layout: RunLayout
 ) -> list[Shard]:
-    """Copy the planned lines from their request files into new shards of the next attempt."""
+    """Copy the planned lines from their request files into new shards of the next attempt. A line's
+    custom_id is read from its start (lines of other rows are not parsed), and the tokens of the
+    copied lines are counted exactly, a group at a time (`count_requests_tokens`)."""
     attempt = manifest.current_attempt + 1
     packer = ShardPacker(manifest.job, store, layout, attempt)
     by_batch = {s.batch_id: s for s in manifest.shards if s.batch_id}
     endpoint = manifest.job.request.endpoint
     try:
         for batch_id, ids in sorted(plan.by_source_shard.items()):
-            source = by_batch[batch_id]
-            with store.open_read(source.request_uri) as handle:
-                for raw in handle:
-                    if not raw.strip():
-                        continue
-                    line = orjson.loads(raw)
-                    if line["custom_id"] in ids:
-                        tokens = count_request_tokens(endpoint, line["body"])
-                        packer.add(
-                            line["custom_id"], raw if raw.endswith(b"\n") else raw + b"\n", tokens
-                        )
+            with store.open_read(by_batch[batch_id].request_uri) as handle:
+                planned = (raw for raw in handle if raw.strip() and custom_id_of_line(raw) in ids)
+                for group in _groups(planned, RETRY_GROUP_LINES):
+                    bodies = [orjson.loads(raw)["body"] for raw in group]
+                    tokens = count_requests_tokens(endpoint, bodies)
+                    for raw, count in zip(group, tokens, strict=True):
+                        line = raw if raw.endswith(b"\n") else raw + b"\n"
+                        packer.add(custom_id_of_line(raw), line, count)
     except BaseException:
         packer.abort()
         raise

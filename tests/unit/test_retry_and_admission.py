@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import orjson
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from schemas.job import JobSpec
 from schemas.manifest import RunManifest, Shard
@@ -103,3 +106,59 @@ def test_overdue_batches() -> None:
     assert not is_overdue("in_progress", 1000, 1000 + 3599, 3600)
     assert not is_overdue("completed", 1000, 99999, 0)
     assert not is_overdue("finalizing", None, 99999, 0)
+
+
+def test_retry_shards_copy_exactly_the_planned_lines_with_exact_tokens(tmp_path: Path) -> None:
+    """The next attempt's shards hold the planned lines, byte for byte, in shard order, packed under
+    the limits, with input_tokens equal to the exact count of their lines."""
+    from benchmarks.synth import product_chunk
+    from tasks.layout import RunLayout
+    from tasks.prepare import write_shards
+    from tasks.retry import RetryPlan, write_retry_shards
+    from tasks.runs import new_manifest
+    from tasks.storage import ObjectStore
+    from tasks.tokens import count_request_tokens
+
+    pq.write_table(product_chunk(0, 3000, 2, mean_chars=200.0), tmp_path / "p.parquet")
+    job = JobSpec.model_validate(
+        {
+            "name": "retry",
+            "source": {"uri": str(tmp_path / "p.parquet"), "id_column": "sku"},
+            "request": {
+                "model": "gpt-4o-mini",
+                "system_prompt": "Sum up.",
+                "template": "{title}\n{description}",
+            },
+            "output_uri": str(tmp_path / "out"),
+            "storage_root": str(tmp_path / "state"),
+            "limits": {"max_lines_per_shard": 1000, "token_counting": "exact"},
+        }
+    )
+    store = ObjectStore()
+    layout = RunLayout(job.storage_root, job.name, "2026-01-01")
+    prepared = write_shards(job, store, layout)
+    shards = [s.model_copy(update={"batch_id": f"batch_{s.index}"}) for s in prepared.shards]
+    manifest = new_manifest(job, "2026-01-01", "2026-01-01T00:00:00+00:00").model_copy(
+        update={"shards": shards}
+    )
+    lines = {s.batch_id: Path(s.request_uri).read_bytes().splitlines(keepends=True) for s in shards}
+    wanted = {  # every third line of the first shard, every line but one of the last
+        "batch_0": {orjson.loads(line)["custom_id"] for line in lines["batch_0"][::3]},
+        "batch_2": {orjson.loads(line)["custom_id"] for line in lines["batch_2"][1:]},
+    }
+    retried = write_retry_shards(manifest, RetryPlan(by_source_shard=wanted), store, layout)
+    expected = [
+        line
+        for batch_id in ("batch_0", "batch_2")
+        for line in lines[batch_id]
+        if orjson.loads(line)["custom_id"] in wanted[batch_id]
+    ]
+    got = [line for s in retried for line in Path(s.request_uri).read_bytes().splitlines(True)]
+    assert got == expected and len(got) == 334 + 999
+    assert [s.attempt for s in retried] == [2, 2] and [s.lines for s in retried] == [1000, 333]
+    for shard in retried:
+        body_tokens = [
+            count_request_tokens(job.request.endpoint, orjson.loads(line)["body"])
+            for line in Path(shard.request_uri).read_bytes().splitlines()
+        ]
+        assert shard.input_tokens == sum(body_tokens)
