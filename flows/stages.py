@@ -21,7 +21,7 @@ from schemas.settings import Settings
 from tasks import transitions as tr
 from tasks.admission import admit, queue_state
 from tasks.batch_api import BatchApi
-from tasks.cache import ResultCache, cache_shard_results
+from tasks.cache import ResultCache
 from tasks.costrecord import check_budget, cost_records, estimate_cost
 from tasks.costreport import past_output_mean
 from tasks.crashpoints import crash_point
@@ -271,14 +271,20 @@ def collect_stage(manifest: RunManifest, store: ObjectStore, api: BatchApi) -> R
     logger = get_run_logger()
     layout = manifest_layout(manifest)
     ready = [s for s in manifest.shards if s.state == "terminal"]
-    futures = [collect_shard_task.submit(manifest.job, layout, s, store, api) for s in ready]
+    caching = manifest.job.cache.enabled
+    futures = [
+        collect_shard_task.submit(
+            manifest.job,
+            layout,
+            s,
+            store,
+            api,
+            (f"{manifest.run_id}-{s.shard_id}", manifest.run_id, utc_now()) if caching else None,
+        )  # fmt: skip
+        for s in ready
+    ]
     for shard, future in zip(ready, futures, strict=True):
         results_uri, errors_uri, counts = future.result()
-        if manifest.job.cache.enabled:
-            cache_shard_results(
-                ResultCache(store, manifest.job.storage_root, manifest.job), store, shard.request_uri,
-                results_uri, f"{manifest.run_id}-{shard.shard_id}", manifest.run_id, utc_now(),
-            )  # fmt: skip
         collected = tr.record_collected(shard, results_uri, errors_uri, counts)
         manifest = tr.with_status(tr.replace_shard(manifest, collected, utc_now()), utc_now())
         save_manifest(store, manifest)

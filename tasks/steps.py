@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from schemas.job import JobSpec
 from schemas.manifest import Shard, ShardCounts
 from tasks.batch_api import BatchApi, BatchInfo
-from tasks.cache import CacheIndex
+from tasks.cache import CacheIndex, ResultCache, cache_shard_results
 from tasks.collect import collect_shard
 from tasks.errors import TransientError
 from tasks.layout import RunLayout
@@ -77,6 +77,18 @@ def poll_batch_task(api: BatchApi, batch_id: str) -> BatchInfo:
     cache_policy=NO_CACHE,
 )
 def collect_shard_task(
-    job: JobSpec, layout: RunLayout, shard: Shard, store: ObjectStore, api: BatchApi
+    job: JobSpec,
+    layout: RunLayout,
+    shard: Shard,
+    store: ObjectStore,
+    api: BatchApi,
+    cache_as: tuple[str, str, str] | None = None,
 ) -> tuple[str, str, ShardCounts]:
-    return collect_shard(job, layout, shard, store, api)
+    """Collect a shard; with `cache_as` (segment name, run_id, now), add its results to the cache
+    (an idempotent write: the segment's name is the shard's)."""
+    results_uri, errors_uri, counts = collect_shard(job, layout, shard, store, api)
+    if cache_as is not None:
+        name, run_id, now = cache_as
+        cache = ResultCache(store, job.storage_root, job)
+        cache_shard_results(cache, store, shard.request_uri, results_uri, name, run_id, now)
+    return results_uri, errors_uri, counts
