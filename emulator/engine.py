@@ -24,6 +24,7 @@ from emulator.lifecycle import ACTIVE, CHUNK_LINES, Lifecycle, RunningBatch
 from emulator.models import BatchRecord, FileRecord, Usage
 from emulator.stats import build_stats
 from emulator.store import StateStore
+from emulator.tokens import PromptTokenCounter
 
 log = logging.getLogger("emulator")
 
@@ -37,6 +38,7 @@ class Engine(Lifecycle):
         self.clock = EmulatedClock(state_dir / "clock.json", config.clock_scale)
         self.lock = threading.RLock()
         self.counters = FaultCounters()
+        self.tokens = PromptTokenCounter()
         self.api_calls: Counter[str] = Counter()
         self.files: dict[str, FileRecord] = {}
         self.batches: dict[str, BatchRecord] = {}
@@ -81,6 +83,7 @@ class Engine(Lifecycle):
             if thread is not None:
                 thread.join()
         self._thread = self._validator = None
+        self.tokens.close()
 
     def _loop(self, step: Callable[[float], None], wake: threading.Event) -> None:
         while not self._stop.is_set():

@@ -25,8 +25,8 @@ from emulator.ids import base62_id
 from emulator.lines import file_content, process_line, unfinished_line
 from emulator.models import BatchRecord, FileRecord
 from emulator.store import StateStore
+from emulator.tokens import PromptTokenCounter
 from emulator.validation import InputLine, Validation, batch_error, parse_lines, validate_input
-from tasks.tokens import count_requests_tokens
 
 DEFAULT_FILE_TTL = 30 * 86400
 CHUNK_LINES = 256
@@ -52,6 +52,7 @@ class Lifecycle:
     clock: EmulatedClock
     lock: threading.RLock
     counters: FaultCounters
+    tokens: PromptTokenCounter
     files: dict[str, FileRecord]
     batches: dict[str, BatchRecord]
     _running: dict[str, RunningBatch]
@@ -105,7 +106,11 @@ class Lifecycle:
                 data: bytes | None = path.read_bytes()
             except FileNotFoundError:
                 data = None
-            validation = validate_input(data, endpoint, config) if data is not None else None
+            validation = (
+                validate_input(data, endpoint, config, self.tokens.count)
+                if data is not None
+                else None
+            )
             with self.lock:
                 batch = self.batches[batch_id]
                 if batch.status == "validating":
@@ -254,7 +259,7 @@ class Lifecycle:
         running = self._running.get(batch.id)
         if running is None:
             lines = parse_lines(self.store.input_path(batch.id).read_bytes())
-            tokens = count_requests_tokens(batch.endpoint, [line.body for line in lines])
+            tokens = self.tokens.count(batch.endpoint, [line.body for line in lines])
             running = self._running[batch.id] = RunningBatch(lines, tokens)
         return running
 

@@ -7,6 +7,7 @@ on that line); whole-file problems (empty file, too many requests or embedding i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,7 +150,14 @@ def parse_lines(data: bytes) -> list[InputLine]:
     return lines
 
 
-def validate_input(data: bytes, endpoint: str, config: EmulatorConfig) -> Validation:
+def validate_input(
+    data: bytes,
+    endpoint: str,
+    config: EmulatorConfig,
+    count_tokens: Callable[[str, list[dict[str, Any]]], list[int]] | None = None,
+) -> Validation:
+    """The file's lines, or its errors; `count_tokens(endpoint, bodies)` counts prompt tokens as
+    `count_request_tokens` does (by default `count_requests_tokens`)."""
     result = Validation()
     raw_lines = _raw_lines(data)
     if not raw_lines:
@@ -195,5 +203,6 @@ def validate_input(data: bytes, endpoint: str, config: EmulatorConfig) -> Valida
                 )
             )
     if not result.errors:
-        result.prompt_tokens = count_requests_tokens(endpoint, [line.body for line in result.lines])
+        count = count_tokens or count_requests_tokens
+        result.prompt_tokens = count(endpoint, [line.body for line in result.lines])
     return result

@@ -23,7 +23,7 @@ import hashlib
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from functools import cache
+from functools import cache, partial
 from importlib import resources
 from typing import Any
 
@@ -157,11 +157,14 @@ def request_texts(endpoint: str, body: dict[str, Any]) -> tuple[int, list[str]]:
 
 
 def count_requests_tokens(
-    endpoint: str, bodies: Sequence[dict[str, Any]], threads: int = 2, chunk: int = 1024
+    endpoint: str,
+    bodies: Sequence[dict[str, Any]],
+    threads: int = 2,
+    count_distinct: Callable[[str, list[str]], list[int]] | None = None,
 ) -> list[int]:
     """`[count_request_tokens(endpoint, body) for body in bodies]`, faster: each distinct text (a
-    system prompt, a role) is counted once, and the texts are counted on `threads` threads (tiktoken's
-    core releases the GIL)."""
+    system prompt, a role) is counted once, by `count_distinct(encoding name, texts)`, by default
+    `count_distinct_texts` on `threads` threads (tiktoken's core releases the GIL)."""
     totals: list[int] = []
     uses: list[tuple[int, list[int]]] = []  # per body: (encoding slot, indices into `distinct`)
     slots: dict[str, int] = {}  # encoding name -> slot
@@ -179,20 +182,20 @@ def count_requests_tokens(
         constant, texts = request_texts(endpoint, body)
         totals.append(constant)
         uses.append((slot, [seen.setdefault(text, len(seen)) for text in texts]))
-    counts = [
-        _count_distinct(get_encoding(name), list(distinct[slot]), threads, chunk)
-        for name, slot in slots.items()
-    ]
+    if count_distinct is None:
+        count_distinct = partial(count_distinct_texts, threads=threads)
+    counts = [count_distinct(name, list(distinct[slot])) for name, slot in slots.items()]
     for row, (slot, indices) in enumerate(uses):
         found = counts[slot]
         totals[row] += sum(found[i] for i in indices)
     return totals
 
 
-def _count_distinct(
-    encoding: tiktoken.Encoding, texts: list[str], threads: int, chunk: int
+def count_distinct_texts(
+    encoding_name: str, texts: list[str], threads: int = 1, chunk: int = 1024
 ) -> list[int]:
     """Tokens of each text as `count_text` counts it, in chunks on a thread pool when there are many."""
+    encoding = get_encoding(encoding_name)
 
     def count(part: list[str]) -> list[int]:
         encode = _bytes_encoder(encoding)

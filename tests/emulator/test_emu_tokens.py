@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import pytest
 
-from tasks.tokens import count_request_tokens, count_requests_tokens
+from emulator.tokens import PromptTokenCounter
+from tasks.tokens import count_distinct_texts, count_request_tokens, count_requests_tokens
 
 SYSTEM = "You are terse. Answer in one word."
 
@@ -50,7 +52,27 @@ def _bodies(endpoint: str) -> list[dict[str, Any]]:
 def test_batch_count_equals_per_request_count(endpoint: str, threads: int, chunk: int) -> None:
     bodies = _bodies(endpoint)
     expected = [count_request_tokens(endpoint, body) for body in bodies]
-    assert count_requests_tokens(endpoint, bodies, threads=threads, chunk=chunk) == expected
+    count = partial(count_distinct_texts, threads=threads, chunk=chunk)
+    assert count_requests_tokens(endpoint, bodies, count_distinct=count) == expected
+    assert count_requests_tokens(endpoint, bodies, threads=threads) == expected
+
+
+def test_large_files_are_counted_in_helper_processes_with_the_same_result() -> None:
+    endpoint = "/v1/chat/completions"
+    bodies = _bodies(endpoint)
+    counter = PromptTokenCounter(min_lines=100, processes=1)
+    try:
+        assert counter.count(endpoint, bodies[:99]) == [
+            count_request_tokens(endpoint, body) for body in bodies[:99]
+        ]
+        assert counter._pool is None  # small files: no helper
+        assert counter.count(endpoint, bodies) == [
+            count_request_tokens(endpoint, body) for body in bodies
+        ]
+        assert counter._pool is not None
+    finally:
+        counter.close()
+    assert counter._pool is None
 
 
 def test_lone_surrogates_are_counted_as_tiktoken_counts_them() -> None:
