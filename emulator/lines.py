@@ -14,14 +14,14 @@ import orjson
 
 from emulator.config import EmulatorConfig
 from emulator.faults import FaultCounters, choose_line_fault, fault_outcome
-from emulator.ids import hex_id
+from emulator.ids import LineIds, hex_id
 from emulator.models import BatchRecord
 from emulator.responders import LineContext, Reply, respond
 from emulator.validation import InputLine
 
 
 def line_id(batch: BatchRecord, custom_id: str) -> str:
-    return "batch_req_" + hex_id(batch.seed, batch.seq, custom_id, "line")
+    return "batch_req_" + LineIds(batch.seed, batch.seq, custom_id).line
 
 
 def _dump(line: dict[str, Any]) -> str:
@@ -37,7 +37,7 @@ def process_line(
     counters: FaultCounters,
 ) -> dict[str, Any]:
     """Run line `k` of a batch (fault injection first, then the responder) into a result record."""
-    id_parts = (batch.seed, batch.seq, line.custom_id)
+    ids = LineIds(batch.seed, batch.seq, line.custom_id)
     kind, forced = choose_line_fault(config.faults, counters, batch.seed, batch.seq, line.custom_id)
     outcome: Reply | dict[str, str]
     if kind is not None:
@@ -48,12 +48,12 @@ def process_line(
     else:
         created = int(batch.time_when_done(k + 1))
         outcome = respond(
-            batch.endpoint, line.body, prompt_tokens, LineContext(id_parts, created, config)
+            batch.endpoint, line.body, prompt_tokens, LineContext(ids, created, config)
         )
     if isinstance(outcome, Reply):
         response: dict[str, Any] | None = {
             "status_code": outcome.status,
-            "request_id": hex_id(*id_parts, "request"),
+            "request_id": ids.request,
             "body": outcome.body,
         }
         error = None
@@ -61,7 +61,7 @@ def process_line(
     else:
         response, error, ok = None, outcome, False
     output: dict[str, Any] = {
-        "id": line_id(batch, line.custom_id),
+        "id": "batch_req_" + ids.line,
         "custom_id": line.custom_id,
         "response": response,
         "error": error,

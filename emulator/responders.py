@@ -21,7 +21,7 @@ import orjson
 import tiktoken
 
 from emulator.config import EmulatorConfig
-from emulator.ids import base62_id, hex_id, seed_int, seed_of_bytes
+from emulator.ids import LineIds, hex_id, seed_int, seed_of_bytes
 from emulator.schema_gen import SchemaGenerator
 from tasks.tokens import (
     count_text,
@@ -58,9 +58,9 @@ _EFFORT_FACTOR = {"none": 0.0, "minimal": 0.0, "low": 0.5, "medium": 1.0, "high"
 
 @dataclass(frozen=True)
 class LineContext:
-    """What a responder may know besides the body: ids are derived from `id_parts`."""
+    """What a responder may know besides the body: the line's ids, its finishing time, the config."""
 
-    id_parts: tuple[object, ...]
+    ids: LineIds
     created: int
     config: EmulatorConfig
 
@@ -230,7 +230,7 @@ def chat_completion(body: dict[str, Any], prompt_tokens: int, ctx: LineContext) 
     cached = _cached_tokens(prompt_tokens, cfg)
     completion = gen.text_tokens + gen.reasoning_tokens
     reply = {
-        "id": "chatcmpl-" + base62_id(*ctx.id_parts, "chatcmpl", length=29),
+        "id": "chatcmpl-" + ctx.ids.base62(29),
         "object": "chat.completion",
         "created": ctx.created,
         "model": model,
@@ -278,21 +278,21 @@ def responses(body: dict[str, Any], prompt_tokens: int, ctx: LineContext) -> Rep
         output.append(
             {
                 "type": "reasoning",
-                "id": "rs_" + hex_id(*ctx.id_parts, "rs", length=48),
+                "id": "rs_" + ctx.ids.hex48("rs"),
                 "summary": [],
             }
         )
     output.append(
         {
             "type": "message",
-            "id": "msg_" + hex_id(*ctx.id_parts, "msg", length=48),
+            "id": "msg_" + ctx.ids.hex48("msg"),
             "status": "incomplete" if gen.truncated else "completed",
             "role": "assistant",
             "content": [{"type": "output_text", "text": gen.text, "annotations": []}],
         }
     )
     reply = {
-        "id": "resp_" + hex_id(*ctx.id_parts, "resp", length=48),
+        "id": "resp_" + ctx.ids.hex48("resp"),
         "object": "response",
         "created_at": ctx.created,
         "status": "incomplete" if gen.truncated else "completed",

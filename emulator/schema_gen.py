@@ -26,7 +26,8 @@ class SchemaGenerator:
         schema = self.root if schema is None else schema
         if not isinstance(schema, dict):
             return self._string({})
-        schema = self._resolve(schema)
+        if "$ref" in schema:
+            schema = self._resolve(schema)
         if "const" in schema:
             return schema["const"]
         if isinstance(schema.get("enum"), list) and schema["enum"]:
@@ -134,6 +135,20 @@ class SchemaGenerator:
 
     def _string(self, schema: dict[str, Any]) -> str:
         fmt = schema.get("format")
+        if fmt is not None and (formatted := self._formatted(fmt)) is not None:
+            return formatted
+        rng = self.rng
+        text = " ".join(rng.choices(self.words, k=rng.randint(1, 4)))
+        low = int(schema.get("minLength", 0))
+        high = schema.get("maxLength")
+        while len(text) < low:
+            text += " " + rng.choice(self.words)
+        if isinstance(high, int):
+            text = text[:high]
+        return text
+
+    def _formatted(self, fmt: Any) -> str | None:
+        """A string of a known `format`, else None."""
         rng = self.rng
         if fmt == "date":
             return f"20{rng.randint(10, 29)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
@@ -151,11 +166,4 @@ class SchemaGenerator:
         if fmt == "uuid":
             hexes = f"{rng.getrandbits(128):032x}"
             return f"{hexes[:8]}-{hexes[8:12]}-{hexes[12:16]}-{hexes[16:20]}-{hexes[20:]}"
-        text = " ".join(rng.choice(self.words) for _ in range(rng.randint(1, 4)))
-        low = int(schema.get("minLength", 0))
-        high = schema.get("maxLength")
-        while len(text) < low:
-            text += " " + rng.choice(self.words)
-        if isinstance(high, int):
-            text = text[:high]
-        return text
+        return None
