@@ -107,9 +107,7 @@ class Lifecycle:
             except FileNotFoundError:
                 data = None
             validation = (
-                validate_input(data, endpoint, config, self.tokens.count)
-                if data is not None
-                else None
+                validate_input(data, endpoint, config, self.tokens) if data is not None else None
             )
             with self.lock:
                 batch = self.batches[batch_id]

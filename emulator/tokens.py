@@ -1,30 +1,60 @@
 """Prompt tokens of whole input files, as `tasks.tokens.count_request_tokens` counts each request.
 
-Counting is most of what validating a large file costs. Small files are counted here; the texts of
-large ones go to helper processes (started on first use, ended with the engine), so that counting
-neither holds this process's GIL nor waits for it while the worker runs lines of other batches.
+Counting is most of what validating a large file costs. Small files are counted here; large ones go,
+in pieces of raw bytes, to helper processes (started on first use, ended with the engine) that parse
+and count them while validation parses and checks the same lines here, so that counting neither
+holds this process's GIL nor waits for it while the worker runs lines of other batches.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
+import orjson
+
 from tasks.tokens import count_distinct_texts, count_requests_tokens
 
-HELPER_MIN_LINES = 4096  # smaller files are counted in this process
+HELPER_MIN_LINES = 4096  # fewer bodies are counted in this process
+HELPER_MIN_BYTES = 4 << 20  # smaller files are counted in this process
 HELPER_PROCESSES = 2
 HELPER_CHUNK_TEXTS = 2048  # texts per task sent to a helper
+HELPER_CHUNK_BYTES = 2 << 20  # bytes of a file per task sent to a helper
+
+
+def count_jsonl_tokens(endpoint: str, chunk: bytes) -> list[int]:
+    """Prompt tokens of each non-blank line of a piece of an input file (0 for a line that is not a
+    request: such a file fails validation, and its counts are not used)."""
+    bodies: list[dict[str, Any]] = []
+    for raw in chunk.split(b"\n"):
+        if not raw.strip():
+            continue
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            obj = None
+        body = obj.get("body") if isinstance(obj, dict) else None
+        bodies.append(body if isinstance(body, dict) else {})
+    try:
+        return count_requests_tokens(endpoint, bodies, threads=1)
+    except Exception:  # a malformed request (e.g. a message that is not an object)
+        return [0] * len(bodies)
 
 
 class PromptTokenCounter:
     def __init__(
-        self, min_lines: int = HELPER_MIN_LINES, processes: int = HELPER_PROCESSES
+        self,
+        min_lines: int = HELPER_MIN_LINES,
+        processes: int = HELPER_PROCESSES,
+        min_bytes: int = HELPER_MIN_BYTES,
+        chunk_bytes: int = HELPER_CHUNK_BYTES,
     ) -> None:
         self.min_lines = min_lines
+        self.min_bytes = min_bytes
+        self.chunk_bytes = chunk_bytes
         self.processes = processes
         self._pool: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
@@ -34,6 +64,21 @@ class PromptTokenCounter:
         if len(bodies) < self.min_lines or self.processes < 1:
             return count_requests_tokens(endpoint, bodies, threads=1)
         return count_requests_tokens(endpoint, bodies, count_distinct=self._in_helpers)
+
+    def start_file(self, endpoint: str, data: bytes) -> Callable[[], list[int]] | None:
+        """Start counting the prompt tokens of every non-blank line of an input file in the helpers;
+        the returned function waits for them. None for a small file (count its bodies with `count`)."""
+        if len(data) < self.min_bytes or self.processes < 1:
+            return None
+        pool = self._helpers()
+        parts: list[Future[list[int]]] = []
+        start = 0
+        while start < len(data):
+            end = data.find(b"\n", min(start + self.chunk_bytes, len(data)))
+            end = len(data) if end < 0 else end + 1
+            parts.append(pool.submit(count_jsonl_tokens, endpoint, data[start:end]))
+            start = end
+        return lambda: [n for part in parts for n in part.result()]
 
     def _in_helpers(self, encoding_name: str, texts: list[str]) -> list[int]:
         pool = self._helpers()

@@ -7,13 +7,13 @@ on that line); whole-file problems (empty file, too many requests or embedding i
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from emulator.config import EmulatorConfig
+from emulator.tokens import PromptTokenCounter
 from tasks.tokens import count_requests_tokens, embedding_inputs
 
 ENDPOINT_NAMES = {
@@ -154,10 +154,11 @@ def validate_input(
     data: bytes,
     endpoint: str,
     config: EmulatorConfig,
-    count_tokens: Callable[[str, list[dict[str, Any]]], list[int]] | None = None,
+    tokens: PromptTokenCounter | None = None,
 ) -> Validation:
-    """The file's lines, or its errors; `count_tokens(endpoint, bodies)` counts prompt tokens as
-    `count_request_tokens` does (by default `count_requests_tokens`)."""
+    """The file's lines, or its errors. Prompt tokens are counted as `count_request_tokens` counts
+    them, by `tokens` if given (a large file in its helper processes, while the lines are checked
+    here), else here."""
     result = Validation()
     raw_lines = _raw_lines(data)
     if not raw_lines:
@@ -178,6 +179,7 @@ def validate_input(
             )
         )
         return result
+    pending = tokens.start_file(endpoint, data) if tokens is not None else None
     seen: set[str] = set()
     supported: dict[str, bool] = {}
     for number, raw in raw_lines:
@@ -203,6 +205,11 @@ def validate_input(
                 )
             )
     if not result.errors:
-        count = count_tokens or count_requests_tokens
-        result.prompt_tokens = count(endpoint, [line.body for line in result.lines])
+        counted = pending() if pending is not None else None
+        if counted is not None and len(counted) == len(result.lines):
+            result.prompt_tokens = counted
+        else:
+            bodies = [line.body for line in result.lines]
+            count = tokens.count if tokens is not None else count_requests_tokens
+            result.prompt_tokens = count(endpoint, bodies)
     return result

@@ -5,9 +5,12 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+import orjson
 import pytest
 
+from emulator.config import EmulatorConfig
 from emulator.tokens import PromptTokenCounter
+from emulator.validation import validate_input
 from tasks.tokens import count_distinct_texts, count_request_tokens, count_requests_tokens
 
 SYSTEM = "You are terse. Answer in one word."
@@ -80,3 +83,25 @@ def test_lone_surrogates_are_counted_as_tiktoken_counts_them() -> None:
     endpoint = "/v1/chat/completions"
     assert count_requests_tokens(endpoint, [body]) == [count_request_tokens(endpoint, body)]
     assert count_requests_tokens(endpoint, []) == []
+
+
+def test_validation_counts_large_files_in_the_helpers_as_it_counts_small_ones() -> None:
+    endpoint = "/v1/chat/completions"
+    bodies = [body | {"model": "gpt-4o-mini"} for body in _bodies(endpoint)]  # one model a file
+    lines = [
+        {"custom_id": f"r{i}", "method": "POST", "url": endpoint, "body": body}
+        for i, body in enumerate(bodies)
+    ]
+    data = b"\n\n".join(orjson.dumps(line) for line in lines) + b"\n"  # blank lines too
+    config = EmulatorConfig()
+    counter = PromptTokenCounter(processes=1, min_bytes=1000, chunk_bytes=3000)
+    try:
+        pending = counter.start_file(endpoint, data)
+        assert pending is not None and len(pending()) == len(lines)
+        helped = validate_input(data, endpoint, config, counter)
+        bad = validate_input(data + b"not json\n", endpoint, config, counter)
+    finally:
+        counter.close()
+    assert helped.prompt_tokens == [count_request_tokens(endpoint, body) for body in bodies]
+    assert helped.prompt_tokens == validate_input(data, endpoint, config).prompt_tokens
+    assert bad.errors and not bad.prompt_tokens
