@@ -8,15 +8,19 @@ holds this process's GIL nor waits for it while the worker runs lines of other b
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 import orjson
 
 from tasks.tokens import count_distinct_texts, count_requests_tokens
+
+log = logging.getLogger("emulator")
 
 HELPER_MIN_LINES = 4096  # fewer bodies are counted in this process
 HELPER_MIN_BYTES = 4 << 20  # smaller files are counted in this process
@@ -61,16 +65,24 @@ class PromptTokenCounter:
 
     def count(self, endpoint: str, bodies: Sequence[dict[str, Any]]) -> list[int]:
         """`count_request_tokens(endpoint, body)` of each body."""
-        if len(bodies) < self.min_lines or self.processes < 1:
-            return count_requests_tokens(endpoint, bodies, threads=1)
-        return count_requests_tokens(endpoint, bodies, count_distinct=self._in_helpers)
+        if len(bodies) >= self.min_lines and self.processes >= 1:
+            try:
+                return count_requests_tokens(endpoint, bodies, count_distinct=self._in_helpers)
+            except BrokenProcessPool:
+                self._broken()
+        return count_requests_tokens(endpoint, bodies, threads=1)
 
-    def start_file(self, endpoint: str, data: bytes) -> Callable[[], list[int]] | None:
+    def start_file(self, endpoint: str, data: bytes) -> Callable[[], list[int] | None] | None:
         """Start counting the prompt tokens of every non-blank line of an input file in the helpers;
-        the returned function waits for them. None for a small file (count its bodies with `count`)."""
+        the returned function waits for them (None if the helpers failed). None for a small file:
+        count its bodies with `count`."""
         if len(data) < self.min_bytes or self.processes < 1:
             return None
-        pool = self._helpers()
+        try:
+            pool = self._helpers()
+        except OSError:
+            self._broken()
+            return None
         parts: list[Future[list[int]]] = []
         start = 0
         while start < len(data):
@@ -78,7 +90,22 @@ class PromptTokenCounter:
             end = len(data) if end < 0 else end + 1
             parts.append(pool.submit(count_jsonl_tokens, endpoint, data[start:end]))
             start = end
-        return lambda: [n for part in parts for n in part.result()]
+
+        def result() -> list[int] | None:
+            try:
+                return [n for part in parts for n in part.result()]
+            except BrokenProcessPool:
+                self._broken()
+                return None
+
+        return result
+
+    def _broken(self) -> None:
+        """Helpers that cannot start or died (e.g. a __main__ that spawned processes cannot import):
+        count in this process from now on."""
+        log.warning("emulator token helpers failed; counting tokens in-process from now on")
+        self.processes = 0
+        self.close()
 
     def _in_helpers(self, encoding_name: str, texts: list[str]) -> list[int]:
         pool = self._helpers()
