@@ -88,20 +88,27 @@ def run_billing(manifest: RunManifest, store: ObjectStore) -> RunBilling:
     return RunBilling(billed, cached, error_rows)
 
 
+ERROR_OUTCOME_COLUMNS = ["custom_id", "attempt", "batch_id", "code", "retryable"]
+
+
 def succeeded_ids_and_errors(
     manifest: RunManifest, store: ObjectStore
 ) -> tuple[set[str], pa.Table]:
-    """custom_ids with a result, and every error row of every attempt (no result columns read)."""
+    """custom_ids with a result, and every error row of every attempt with the columns that decide
+    a retry (`ERROR_OUTCOME_COLUMNS`: no result columns, no messages read)."""
     succeeded: set[str] = set()
     for shard in manifest.shards:
         if shard.results_uri:
             succeeded.update(
                 store.read_table(shard.results_uri, columns=["custom_id"]).column(0).to_pylist()
             )
+    schema = pa.schema([ERRORS_SCHEMA.field(name) for name in ERROR_OUTCOME_COLUMNS])
     errors = [
-        store.read_table(s.errors_uri).cast(ERRORS_SCHEMA) for s in manifest.shards if s.errors_uri
+        store.read_table(s.errors_uri, columns=ERROR_OUTCOME_COLUMNS).cast(schema)
+        for s in manifest.shards
+        if s.errors_uri
     ]
-    return succeeded, (pa.concat_tables(errors) if errors else ERRORS_SCHEMA.empty_table())
+    return succeeded, (pa.concat_tables(errors) if errors else schema.empty_table())
 
 
 def last_errors(errors: pa.Table) -> dict[str, dict[str, Any]]:
