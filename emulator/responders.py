@@ -156,11 +156,17 @@ def _content(fmt: dict[str, Any] | None, schema: Any, words: list[str], rng: ran
 
 
 def _reasoning_tokens(model: str, effort: Any, canonical: bytes, cfg: EmulatorConfig) -> int:
-    if not any(model.startswith(prefix) for prefix in cfg.reasoning_model_prefixes):
+    if not _reasons(model, tuple(cfg.reasoning_model_prefixes)):
         return 0
     factor = _EFFORT_FACTOR.get(str(effort), 1.0) if effort is not None else 1.0
     rng = random.Random(seed_of_bytes("reasoning", canonical))
     return int(rng.randint(cfg.reasoning_tokens_min, cfg.reasoning_tokens_max) * factor)
+
+
+@lru_cache(maxsize=256)
+def _reasons(model: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether `model` is a reasoning model."""
+    return model.startswith(prefixes)
 
 
 @lru_cache(maxsize=256)
@@ -274,7 +280,7 @@ def responses(body: dict[str, Any], prompt_tokens: int, ctx: LineContext) -> Rep
     cached = _cached_tokens(prompt_tokens, cfg)
     output_tokens = gen.text_tokens + gen.reasoning_tokens
     output: list[dict[str, Any]] = []
-    if any(model.startswith(prefix) for prefix in cfg.reasoning_model_prefixes):
+    if _reasons(model, tuple(cfg.reasoning_model_prefixes)):
         output.append(
             {
                 "type": "reasoning",
