@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,6 +67,40 @@ def emulator_process(
         print(f"emulator exited with {process.returncode}: {log.read_text()}", file=sys.stderr)
 
 
+@contextlib.contextmanager
+def timeline(root_url: str, every: float = 2.0) -> Iterator[None]:
+    """Print the emulator's batches by status and lines done every `every` seconds (stderr)."""
+    import httpx
+
+    stop = threading.Event()
+    started = time.perf_counter()
+
+    def watch() -> None:
+        with httpx.Client(base_url=root_url, timeout=30) as client:
+            while not stop.wait(every):
+                try:
+                    stats = client.get("/_emulator/stats").json()
+                except httpx.HTTPError:
+                    continue
+                items = stats["batches"]["items"]
+                done = sum(
+                    b["request_counts"]["completed"] + b["request_counts"]["failed"] for b in items
+                )
+                print(
+                    f"[{time.perf_counter() - started:6.1f} s] batches {stats['batches']['by_status']}"
+                    f" lines done {done:,} files {stats['files']['by_purpose']}",
+                    file=sys.stderr,
+                )
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
@@ -75,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll-interval", type=float, default=1.0)
     parser.add_argument(
         "--in-process", action="store_true", help="the emulator in a thread of this process"
+    )
+    parser.add_argument(
+        "--timeline", action="store_true", help="print the emulator's progress every 2 s"
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -106,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             base_url = stack.enter_context(emulator_process(state, settings, cpu))
         os.environ["OPENAI_BASE_URL"] = base_url
+        if args.timeline:
+            stack.enter_context(timeline(base_url.removesuffix("/v1")))
         os.environ["OPENAI_API_KEY"] = "emulator-key"
         from flows.stages import pipeline
 
