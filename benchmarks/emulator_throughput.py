@@ -68,7 +68,9 @@ def synthetic_shard(rows: int) -> bytes:
     return b"\n".join(out) + b"\n"
 
 
-def run(data: bytes) -> dict[str, Any]:
+def run(data: bytes, helpers: bool = False) -> dict[str, Any]:
+    """Validation (prompt tokens on 2 threads here, or with `helpers` in the server's helper
+    processes, started before timing), line processing, persistence and the output file."""
     from emulator.config import EmulatorConfig
     from emulator.faults import FaultCounters
     from emulator.lines import file_content, process_line
@@ -87,8 +89,21 @@ def run(data: bytes) -> dict[str, Any]:
         timings[phase], cpu[phase] = now[0] - clock[0], now[1] - clock[1]
         clock[:] = now
 
-    validation = validate_input(data, ENDPOINT, config)
+    tokens = None
+    if helpers:
+        from emulator.tokens import PromptTokenCounter
+
+        tokens = PromptTokenCounter()
+        warm = tokens.start_file(ENDPOINT, data[: 8 << 20])
+        assert warm is not None and warm() is not None, "helper processes did not start"
+        lap("setup")
+    if tokens is None:  # (the call of earlier versions, which had no token helpers)
+        validation = validate_input(data, ENDPOINT, config)
+    else:
+        validation = validate_input(data, ENDPOINT, config, tokens)
     lap("validate")
+    if tokens is not None:
+        tokens.close()
     assert not validation.errors, validation.errors[:3]
     batch = BatchRecord(
         id="batch_bench",
@@ -135,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", type=Path, help="a chat request JSONL file (default: synthetic)")
     parser.add_argument("--lines", type=int, default=20_000, help="at most this many lines")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--helpers",
+        action="store_true",
+        help="count prompt tokens in helper processes, as the server does for large files "
+        "(their CPU is not in the CPU column)",
+    )
     args = parser.parse_args(argv)
     if args.input is not None:
         data = b"".join(args.input.read_bytes().splitlines(keepends=True)[: args.lines])
@@ -143,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     profiler = cProfile.Profile() if args.profile else None
     if profiler is not None:
         profiler.enable()
-    result = run(data)
+    result = run(data, helpers=args.helpers)
     if profiler is not None:
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
