@@ -49,6 +49,8 @@ def count_jsonl_tokens(endpoint: str, chunk: bytes) -> list[int]:
 
 
 class PromptTokenCounter:
+    """Counts prompt tokens for the engine; owns the helper processes (`close` ends them)."""
+
     def __init__(
         self,
         min_lines: int = HELPER_MIN_LINES,
@@ -68,7 +70,7 @@ class PromptTokenCounter:
         if len(bodies) >= self.min_lines and self.processes >= 1:
             try:
                 return count_requests_tokens(endpoint, bodies, count_distinct=self._in_helpers)
-            except BrokenProcessPool:
+            except (BrokenProcessPool, OSError):
                 self._broken()
         return count_requests_tokens(endpoint, bodies, threads=1)
 
