@@ -44,7 +44,7 @@ from tasks.runs import (
     save_manifest,
     utc_now,
 )
-from tasks.steps import collect_shard_task, poll_batch_task, submit_shard_task, write_shards_task
+from tasks.steps import collect_shard_task, poll_batches_task, submit_shard_task, write_shards_task
 from tasks.storage import ObjectStore
 
 TASK_RUNNER: Any = ThreadPoolTaskRunner(max_workers=4)
@@ -225,10 +225,9 @@ def poll_stage(
     """Check every open batch once."""
     logger = get_run_logger()
     open_shards = [s for s in manifest.shards if s.state == "submitted"]
-    futures = [poll_batch_task.submit(api, str(s.batch_id)) for s in open_shards]
+    batches = poll_batches_task(api, [str(s.batch_id) for s in open_shards]) if open_shards else []
     changed = []
-    for shard, future in zip(open_shards, futures, strict=True):
-        batch = future.result()
+    for shard, batch in zip(open_shards, batches, strict=True):
         if tr.is_overdue(batch.status, batch.expires_at, time.time(), grace_seconds):
             logger.warning(
                 "batch %s of shard %s is past its expiry (+%ds grace) and still %s: cancelling it; "

@@ -57,15 +57,15 @@ def submit_shard_task(
 
 
 @task(
-    name="poll-batch",
-    task_run_name="poll-{batch_id}",
+    name="poll-batches",
     retries=RETRIES,
     retry_delay_seconds=RETRY_DELAYS,
     retry_condition_fn=only_transient,
     cache_policy=NO_CACHE,
 )
-def poll_batch_task(api: BatchApi, batch_id: str) -> BatchInfo:
-    return api.retrieve(batch_id)
+def poll_batches_task(api: BatchApi, batch_ids: list[str]) -> list[BatchInfo]:
+    """Every open batch's status, in one task run per poll (reads only: retrying is harmless)."""
+    return [api.retrieve(batch_id) for batch_id in batch_ids]
 
 
 @task(
