@@ -5,9 +5,9 @@ before anything is written to the run or sent anywhere.
 
 The source is streamed in record batches (column projection and filter pushed down to the Parquet
 reader) and never held whole. Each batch is rendered column-wise (`RequestRenderer.render_batch`);
-its tokens are counted on a thread pool while the next batch renders; shard files are written and
-hashed on a background thread. Both cores are busy: the Parquet decoder, tiktoken, file writes and
-sha256 all release the GIL, so only rendering holds it."""
+its tokens are counted on a thread pool while the next batch renders; shard files are written on one
+background thread and hashed on another. Both cores are busy: the Parquet decoder, Arrow's kernels,
+tiktoken, file writes and sha256 all release the GIL."""
 
 from __future__ import annotations
 
@@ -262,16 +262,19 @@ def read_ahead(batches: Iterator[pa.RecordBatch], depth: int) -> Iterator[pa.Rec
 
 
 class WriteBehind:
-    """Runs write jobs in order on one background thread, at most WRITE_BEHIND_CHUNKS queued (file
-    writes and sha256 release the GIL, so they overlap rendering). Errors surface on the next call."""
+    """Runs write jobs in order on one background thread and hash jobs in order on another, at most
+    WRITE_BEHIND_CHUNKS of each queued (file writes and sha256 release the GIL, so they overlap
+    rendering and each other). Errors surface on the next call."""
 
     def __init__(self) -> None:
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="nightbatch-write")
-        self.pending: deque[Future[None]] = deque()
+        self.writes = ThreadPoolExecutor(1, thread_name_prefix="nightbatch-write")
+        self.hashes = ThreadPoolExecutor(1, thread_name_prefix="nightbatch-hash")
+        self.pending: deque[Future[object]] = deque()
 
-    def submit(self, job: Callable[[], None]) -> None:
-        self.pending.append(self.pool.submit(job))
-        while len(self.pending) > WRITE_BEHIND_CHUNKS:
+    def submit(self, write: Callable[[], object], digest: Callable[[], None]) -> None:
+        self.pending.append(self.writes.submit(write))
+        self.pending.append(self.hashes.submit(digest))
+        while len(self.pending) > 2 * WRITE_BEHIND_CHUNKS:
             self.pending.popleft().result()
 
     def drain(self) -> None:
@@ -282,7 +285,8 @@ class WriteBehind:
         try:
             self.drain()
         finally:
-            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.writes.shutdown(wait=True, cancel_futures=True)
+            self.hashes.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -306,7 +310,7 @@ class ShardWriter:
         if self.behind is None:
             self._write(data)
         else:
-            self.behind.submit(lambda: self._write(data))
+            self.behind.submit(lambda: self.handle.write(data), lambda: self.digest.update(data))
 
     def _write(self, data: builtins.bytes | memoryview) -> None:
         self.handle.write(data)
