@@ -3,7 +3,10 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import orjson
 import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
 
 from schemas.job import JobSpec
 from schemas.tables import results_schema
@@ -84,3 +87,55 @@ def test_segments_round_trip_expire_and_prune(tmp_path: Path) -> None:
     assert cache.read_entries(set(keys), 5, NOW).column("response_text").to_pylist() == ["answer 2"]
     assert cache.prune(older_than_days=5, now=NOW) == 1
     assert len(cache.index(None, NOW)) == 1
+
+
+@pytest.mark.parametrize("system_prompt", ["Sum up.", "Sum up {title}."], ids=["framed", "per-row"])
+def test_an_incremental_prepare_writes_exactly_the_missed_lines(
+    tmp_path: Path, system_prompt: str
+) -> None:
+    """The lines of an incremental prepare are the full prepare's lines whose key is not cached,
+    byte for byte and in order, with exact token counts (both rendering paths)."""
+    from benchmarks.synth import product_chunk
+    from tasks.layout import RunLayout
+    from tasks.prepare import write_shards
+    from tasks.tokens import count_request_tokens
+
+    pq.write_table(product_chunk(0, 9000, 4, mean_chars=150.0), tmp_path / "p.parquet")
+    job = JobSpec.model_validate(
+        {
+            "name": "inc",
+            "source": {"uri": str(tmp_path / "p.parquet"), "id_column": "sku"},
+            "request": {
+                "model": "gpt-4o-mini",
+                "system_prompt": system_prompt,
+                "template": "{description}",
+            },
+            "output_uri": str(tmp_path / "out"),
+            "storage_root": str(tmp_path / "state"),
+            "limits": {"max_lines_per_shard": 2500, "token_counting": "exact"},
+        }
+    )
+    store = ObjectStore()
+    full = write_shards(job, store, RunLayout(job.storage_root, job.name, "2026-01-01"))
+    lines = [
+        line for s in full.shards for line in Path(s.request_uri).read_bytes().splitlines(True)
+    ]
+    cached = {cache_key_from_line(line) for i, line in enumerate(lines) if i % 10 < 7}
+    night2 = write_shards(
+        job,
+        store,
+        RunLayout(job.storage_root, job.name, "2026-01-02"),
+        cache_index=CacheIndex.from_keys(sorted(cached)),
+    )
+    sent = [
+        line for s in night2.shards for line in Path(s.request_uri).read_bytes().splitlines(True)
+    ]
+    assert sent == [line for line in lines if cache_key_from_line(line) not in cached]
+    assert night2.cache_hits == len(cached) and len(sent) == 9000 - len(cached)
+    assert [s.lines for s in night2.shards] == [2500, 200]
+    for shard in night2.shards:
+        body_lines = Path(shard.request_uri).read_bytes().splitlines()
+        exact = sum(
+            count_request_tokens(job.request.endpoint, orjson.loads(b)["body"]) for b in body_lines
+        )
+        assert shard.input_tokens == exact
