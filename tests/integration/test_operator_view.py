@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from prefect.artifacts import Artifact
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
 from prefect.events.filters import EventFilter, EventNameFilter
 from prefect.events.worker import EventsWorker
 from prefect.flow_runs import resume_flow_run
@@ -101,18 +102,12 @@ def test_an_over_budget_run_waits_for_an_operators_approval(
     )
     worker.start()
     paused = None
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 90
+    by_name = FlowRunFilter(name=FlowRunFilterName(any_=[f"submit-approval-job-{RUN_DATE}"]))
     while paused is None and time.monotonic() < deadline:
         with get_client(sync_client=True) as client:
-            runs = client.read_flow_runs(limit=50)
-        paused = next(
-            (
-                r
-                for r in runs
-                if r.name == f"submit-approval-job-{RUN_DATE}" and r.state and r.state.is_paused()
-            ),
-            None,
-        )
+            runs = client.read_flow_runs(flow_run_filter=by_name)
+        paused = next((r for r in runs if r.state and r.state.is_paused()), None)
         time.sleep(0.3)
     assert paused is not None, "the submit flow run did not pause for approval"
     assert emulator.stats()["batches"]["created"] == 0  # nothing submitted while waiting
