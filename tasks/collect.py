@@ -129,8 +129,9 @@ class _Expected:
         return True
 
     def keep_all(self, custom_ids: list[str | None]) -> np.ndarray:
-        """`keep` of each custom_id (a string or None) in order, vectorised: the index lookups run in C (`map` over
-        `dict.get`), repeats within the list and of earlier lists are found with numpy."""
+        """`keep` of each custom_id (a string or None) in order, vectorised: the index lookups run
+        in C (`map` over `dict.get`), repeats within the list and of earlier lists are found with
+        numpy."""
         n = len(custom_ids)
         if not n:
             return np.zeros(0, bool)
