@@ -27,45 +27,17 @@ ENDPOINT = "/v1/chat/completions"
 
 
 def synthetic_shard(rows: int) -> bytes:
-    """`rows` chat request lines as the benchmark's prepare writes them."""
-    import orjson
+    """`rows` chat request lines as the benchmark's prepare writes them (its job, its renderer)."""
     import pyarrow as pa
 
-    from benchmarks.bench import CHAT_SCHEMA, SYSTEM_PROMPT, TEMPLATE
+    from benchmarks.bench import job_spec
     from benchmarks.synth import iter_product_chunks
-    from tasks.render import strict_schema
+    from tasks.render import RequestRenderer
 
+    renderer = RequestRenderer(job_spec(Path(tempfile.gettempdir()), rows).request)
     table = pa.concat_tables(iter_product_chunks(rows))
-    schema = strict_schema(CHAT_SCHEMA)
-    titles = table.column("title").to_pylist()
-    categories = table.column("category").to_pylist()
-    descriptions = table.column("description").to_pylist()
-    skus = table.column("sku").to_pylist()
-    out = []
-    for sku, title, category, description in zip(
-        skus, titles, categories, descriptions, strict=True
-    ):
-        body = {
-            "model": "gpt-4o-mini",
-            "max_tokens": 120,
-            "temperature": 0,
-            "response_format": {
-                "type": "json_schema",
-                "json_schema": {"name": "output", "schema": schema, "strict": True},
-            },
-            "messages": [
-                {"role": "system", "content": SYSTEM_PROMPT},
-                {
-                    "role": "user",
-                    "content": TEMPLATE.format(
-                        title=title, category=category, description=description
-                    ),
-                },
-            ],
-        }
-        line = {"custom_id": f"r-{sku}", "method": "POST", "url": ENDPOINT, "body": body}
-        out.append(orjson.dumps(line))
-    return b"\n".join(out) + b"\n"
+    rendered = [renderer.render_batch(batch, "sku") for batch in table.to_batches()]
+    return b"".join(bytes(r.chunk(0, len(r))) for r in rendered)
 
 
 def run(data: bytes, helpers: bool = False) -> dict[str, Any]:
