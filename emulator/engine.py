@@ -98,12 +98,6 @@ class Engine(Lifecycle):
         """A batch has become in_progress (or failed): the worker takes it up at once."""
         self._wake.set()
 
-    def tick(self) -> None:
-        """Bring every open batch up to the current emulated time."""
-        now = self.clock.now()
-        self._validate_due(now)
-        self._advance_open(now)
-
     def _advance_open(self, now: float) -> None:
         with self.lock:
             open_ids = [b.id for b in self._ordered() if not b.terminal]

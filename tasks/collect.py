@@ -84,13 +84,6 @@ class _TableSink:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _iter_lines(handle: IO[bytes]) -> Iterator[dict[str, Any]]:
-    handle.seek(0)
-    for raw in handle:
-        if raw.strip():
-            yield orjson.loads(raw)
-
-
 def _iter_chunks(handle: IO[bytes], size: int = CHUNK_BYTES) -> Iterator[memoryview]:
     """The file in pieces of about `size` bytes, each ending at the end of a line. Each piece is a
     view of a fresh buffer the file is read into: no copy, and no buffer is reused while a piece
