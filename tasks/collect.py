@@ -5,7 +5,7 @@ against the shard's id sidecar, so lines that never came back are found and reco
 
 Memory stays bounded whatever the file size (an embeddings output file is GBs): each file is spooled
 to local disk, then read in chunks of about CHUNK_BYTES; each chunk is parsed into Arrow columns
-(`LineParser.read_lines` / `parse_table_indexed`, on background threads) and appended to the
+(`LineParser.read_lines` / `parse_table`, on background threads) and appended to the
 Parquet file as a row group; which lines count (the first line of each id the shard sent) is decided
 in file order on the calling thread."""
 
@@ -227,12 +227,12 @@ class ParsedChunk:
 
 
 def _parse_chunk(parser: LineParser, chunk: memoryview) -> ParsedChunk | None:
-    """Every line of a chunk parsed (`LineParser.parse_table_indexed`), or None when Arrow cannot
+    """Every line of a chunk parsed (`LineParser.parse_table`), or None when Arrow cannot
     read it (then it is parsed line by line). Pure: which lines count is decided in order, later."""
     table = parser.read_lines(chunk)
     if table is None:
         return None
-    return ParsedChunk(table.column("custom_id").to_pylist(), parser.parse_table_indexed(table))
+    return ParsedChunk(table.column("custom_id").to_pylist(), parser.parse_table(table))
 
 
 def _collect_chunk(

@@ -242,14 +242,9 @@ class LineParser:
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
             return None
 
-    def parse_table(self, lines: pa.Table) -> tuple[pa.Table, list[dict[str, Any]]]:
+    def parse_table(self, lines: pa.Table) -> ParsedLines:
         """The result rows (a table in the results schema) and the error rows of lines read by
-        `read_lines`, each line classified as `parse` classifies it."""
-        parsed = self.parse_table_indexed(lines)
-        return parsed.results, parsed.errors
-
-    def parse_table_indexed(self, lines: pa.Table) -> ParsedLines:
-        """`parse_table`, with the line each result and error row came from."""
+        `read_lines`, each line classified as `parse` classifies it, with the line each came from."""
         lines = lines.combine_chunks()
         response = lines.column("response").chunk(0) if lines.num_rows else None
         if response is None:

@@ -358,6 +358,16 @@ def _sorted(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: r["custom_id"])
 
 
+def _parsed(parser: Any, table: pa.Table, lines: list[dict[str, Any]]) -> tuple[Any, list[Any]]:
+    """`parse_table`'s results and errors, after checking each row names the line it came from."""
+    parsed = parser.parse_table(table)
+    ids = [line["custom_id"] for line in lines]
+    assert parsed.results.column("custom_id").to_pylist() == [ids[i] for i in parsed.result_lines]
+    assert [e["custom_id"] for e in parsed.errors] == [ids[i] for i in parsed.error_lines]
+    assert sorted([*parsed.result_lines, *parsed.error_lines]) == list(range(len(lines)))
+    return parsed.results, parsed.errors
+
+
 @pytest.mark.parametrize("schema", [True, False])
 def test_chunk_parsing_classifies_every_line_as_line_parsing(schema: bool) -> None:
     from tasks.parse import LineParser
@@ -368,7 +378,7 @@ def test_chunk_parsing_classifies_every_line_as_line_parsing(schema: bool) -> No
     data = b"\n".join(orjson.dumps(line) for line in lines) + b"\n\n"
     table = parser.read_lines(data)
     assert table is not None and table.num_rows == len(lines)
-    results, errors = parser.parse_table(table)
+    results, errors = _parsed(parser, table, lines)
     assert results.schema == parser.schema
     want_results, want_errors = _by_line(parser, lines)
     want_table = pa.Table.from_pylist(want_results, schema=parser.schema)
@@ -389,7 +399,7 @@ def test_chunk_parsing_of_embeddings_and_fallbacks() -> None:
     lines[4]["response"]["body"]["data"][0]["embedding"] = None
     table = parser.read_lines(b"".join(orjson.dumps(line) + b"\n" for line in lines))
     assert table is not None
-    results, errors = parser.parse_table(table)
+    results, errors = _parsed(parser, table, lines)
     want_results, want_errors = _by_line(parser, lines)
     want = pa.Table.from_pylist(want_results, schema=parser.schema)
     assert _sorted(results.to_pylist()) == _sorted(want.to_pylist())
