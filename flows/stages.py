@@ -21,7 +21,7 @@ from schemas.settings import Settings
 from tasks import transitions as tr
 from tasks.admission import admit, queue_state
 from tasks.batch_api import BatchApi
-from tasks.cache import ResultCache
+from tasks.cache import CacheWrite, ResultCache
 from tasks.costrecord import check_budget, cost_records, estimate_cost
 from tasks.costreport import past_output_mean
 from tasks.crashpoints import crash_point
@@ -270,17 +270,9 @@ def collect_stage(manifest: RunManifest, store: ObjectStore, api: BatchApi) -> R
     logger = get_run_logger()
     layout = manifest_layout(manifest)
     ready = [s for s in manifest.shards if s.state == "terminal"]
-    caching = manifest.job.cache.enabled
+    cache_write = CacheWrite(manifest.run_id, utc_now())
     futures = [
-        collect_shard_task.submit(
-            manifest.job,
-            layout,
-            s,
-            store,
-            api,
-            (f"{manifest.run_id}-{s.shard_id}", manifest.run_id, utc_now()) if caching else None,
-        )  # fmt: skip
-        for s in ready
+        collect_shard_task.submit(manifest.job, layout, s, store, api, cache_write) for s in ready
     ]
     for shard, future in zip(ready, futures, strict=True):
         results_uri, errors_uri, counts = future.result()

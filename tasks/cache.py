@@ -298,6 +298,14 @@ def keys_of_request_file(
     return keys
 
 
+@dataclass(frozen=True)
+class CacheWrite:
+    """Results collected for a run go to the cache as produced by that run, at that time."""
+
+    run_id: str
+    created_at: str
+
+
 def cache_shard_results(
     cache: ResultCache,
     store: ObjectStore,

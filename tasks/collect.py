@@ -29,6 +29,7 @@ from schemas.job import JobSpec
 from schemas.manifest import Shard, ShardCounts
 from schemas.tables import ERRORS_SCHEMA, results_schema
 from tasks.batch_api import BatchApi
+from tasks.cache import CacheWrite, ResultCache, cache_shard_results
 from tasks.layout import RunLayout
 from tasks.parse import LineParser, ParsedLines
 from tasks.storage import ObjectStore
@@ -160,9 +161,16 @@ def batch_failure(shard: Shard) -> tuple[str, str, bool]:
 
 
 def collect_shard(
-    job: JobSpec, layout: RunLayout, shard: Shard, store: ObjectStore, api: BatchApi
+    job: JobSpec,
+    layout: RunLayout,
+    shard: Shard,
+    store: ObjectStore,
+    api: BatchApi,
+    cache_write: CacheWrite | None = None,
 ) -> tuple[str, str, ShardCounts]:
-    """Parse one terminal shard; returns (results_uri, errors_uri, counts)."""
+    """Parse one terminal shard; returns (results_uri, errors_uri, counts). With `cache_write` and
+    the job's cache on, its succeeded results are added to the cache as one segment named after the
+    run and shard (rewritten, not added twice, when a shard is collected again)."""
     assert shard.batch_id is not None
     expected = shard_custom_ids(store, layout, shard)
     parser = LineParser(job.request, shard.attempt, shard.batch_id)
@@ -200,6 +208,11 @@ def collect_shard(
         errors.close()
     counts.succeeded = results.count
     counts.failed = errors.count
+    if cache_write is not None and job.cache.enabled:
+        cache_shard_results(
+            ResultCache(store, job.storage_root, job), store, shard.request_uri, results_uri,
+            f"{cache_write.run_id}-{shard.shard_id}", cache_write.run_id, cache_write.created_at,
+        )  # fmt: skip
     return results_uri, errors_uri, counts
 
 

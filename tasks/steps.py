@@ -11,7 +11,7 @@ from prefect.cache_policies import NO_CACHE
 from schemas.job import JobSpec
 from schemas.manifest import Shard, ShardCounts
 from tasks.batch_api import BatchApi, BatchInfo
-from tasks.cache import CacheIndex, ResultCache, cache_shard_results
+from tasks.cache import CacheIndex, CacheWrite
 from tasks.collect import collect_shard
 from tasks.errors import TransientError
 from tasks.layout import RunLayout
@@ -82,13 +82,6 @@ def collect_shard_task(
     shard: Shard,
     store: ObjectStore,
     api: BatchApi,
-    cache_as: tuple[str, str, str] | None = None,
+    cache_write: CacheWrite | None = None,
 ) -> tuple[str, str, ShardCounts]:
-    """Collect a shard; with `cache_as` (segment name, run_id, now), add its results to the cache
-    (an idempotent write: the segment's name is the shard's)."""
-    results_uri, errors_uri, counts = collect_shard(job, layout, shard, store, api)
-    if cache_as is not None:
-        name, run_id, now = cache_as
-        cache = ResultCache(store, job.storage_root, job)
-        cache_shard_results(cache, store, shard.request_uri, results_uri, name, run_id, now)
-    return results_uri, errors_uri, counts
+    return collect_shard(job, layout, shard, store, api, cache_write)
