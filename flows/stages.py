@@ -395,7 +395,7 @@ def load_stage(manifest: RunManifest, store: ObjectStore) -> RunManifest:
     records = cost_records(
         manifest,
         billing.billed,
-        succeeded=loaded.rows_written - manifest.cache_hits,
+        succeeded=billing.result_rows,
         failed=billing.error_rows,
         dead_lettered=loaded.rows_dead_lettered,
         loaded_at=now,

@@ -61,10 +61,11 @@ USAGE_COLUMNS = (
 class RunBilling:
     """What the cost record needs of a run's outcomes: token totals per model of every billed line
     (succeeded, or completed with invalid output), of the rows served from the cache, and how many
-    error rows there were."""
+    result rows (requests of this run that succeeded) and error rows there were."""
 
     billed: dict[str, dict[str, int]]
     cached: dict[str, dict[str, int]]
+    result_rows: int
     error_rows: int
 
 
@@ -72,11 +73,13 @@ def run_billing(manifest: RunManifest, store: ObjectStore) -> RunBilling:
     """`RunBilling` of a run, shard by shard: only the model, usage and id columns are read (never
     the outputs), one shard at a time."""
     billed: dict[str, dict[str, int]] = {}
-    error_rows = 0
+    result_rows = error_rows = 0
     wanted = ["custom_id", "model", *USAGE_COLUMNS]
     for shard in manifest.shards:
         if shard.results_uri:
-            _add_usage(billed, store.read_table(shard.results_uri, columns=wanted))
+            results = store.read_table(shard.results_uri, columns=wanted)
+            result_rows += results.num_rows
+            _add_usage(billed, results)
         if shard.errors_uri:
             errors = store.read_table(shard.errors_uri, columns=[*wanted, "billed"])
             error_rows += errors.num_rows
@@ -85,7 +88,7 @@ def run_billing(manifest: RunManifest, store: ObjectStore) -> RunBilling:
     if manifest.cache_hits_uri:
         cache = ResultCache(store, manifest.job.storage_root, manifest.job)
         _add_usage(cached, served_usage(cache, store, manifest.cache_hits_uri, datetime.now(UTC)))
-    return RunBilling(billed, cached, error_rows)
+    return RunBilling(billed, cached, result_rows, error_rows)
 
 
 ERROR_OUTCOME_COLUMNS = ["custom_id", "attempt", "batch_id", "code", "retryable"]

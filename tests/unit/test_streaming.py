@@ -559,6 +559,7 @@ def test_run_billing_sums_every_billed_line_per_model(tmp_path: Path) -> None:
     billing = run_billing(manifest, store)
     assert billing.billed == want and len(want) == 2
     assert billing.error_rows == len(errors) and billing.cached == {}
+    assert billing.result_rows == len(results)
 
 
 # ---- collect: every expected line counted once, whatever the chunking ---------------------------
