@@ -96,20 +96,6 @@ def _content_text(content: Any) -> str:
     return ""
 
 
-def count_messages(encoding: tiktoken.Encoding, messages: list[dict[str, Any]]) -> int:
-    total = TOKENS_REPLY_PRIMER
-    for message in messages:
-        total += TOKENS_PER_MESSAGE
-        for key, value in message.items():
-            if key == "content":
-                total += count_text(encoding, _content_text(value))
-            elif isinstance(value, str):
-                total += count_text(encoding, value)
-                if key == "name":
-                    total += TOKENS_PER_NAME
-    return total
-
-
 def responses_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     """The messages a /v1/responses body amounts to (instructions as a system message)."""
     messages: list[dict[str, Any]] = []
@@ -131,11 +117,8 @@ def embedding_inputs(body: dict[str, Any]) -> list[str]:
 def count_request_tokens(endpoint: str, body: dict[str, Any]) -> int:
     """Input tokens of one request body, by the shared rule above."""
     encoding = encoding_for_model(str(body.get("model", "")))
-    if endpoint == "/v1/embeddings":
-        return sum(count_text(encoding, text) for text in embedding_inputs(body))
-    if endpoint == "/v1/responses":
-        return count_messages(encoding, responses_messages(body))
-    return count_messages(encoding, body.get("messages", []))
+    constant, texts = request_texts(endpoint, body)
+    return constant + sum(count_text(encoding, text) for text in texts)
 
 
 def request_texts(endpoint: str, body: dict[str, Any]) -> tuple[int, list[str]]:

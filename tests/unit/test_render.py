@@ -4,7 +4,7 @@ import orjson
 
 from schemas.job import RequestSpec
 from tasks.render import RequestRenderer, custom_id_for, strict_schema
-from tasks.tokens import count_request_tokens
+from tasks.tokens import count_request_tokens, count_text, encoding_for_model
 
 
 def test_custom_id_comes_from_the_id_value_not_the_position() -> None:
@@ -96,3 +96,16 @@ def test_token_rule_for_chat_counts_per_message_overhead() -> None:
         )
         == 2
     )
+    o200k = encoding_for_model("gpt-4o-mini")
+
+    def tokens(text: str) -> int:
+        return count_text(o200k, text)
+
+    named = {"model": "gpt-4o-mini", "messages": [{"role": "user", "name": "bob", "content": "Hi"}]}
+    # 3 + (3 per message + role + name + 1 for the name + content)
+    expected = 3 + 3 + tokens("user") + tokens("bob") + 1 + tokens("Hi")
+    assert count_request_tokens("/v1/chat/completions", named) == expected
+    responses = {"model": "gpt-4o-mini", "instructions": "Be brief.", "input": "Hello world"}
+    # instructions count as a system message, the input as a user message
+    expected = 3 + (3 + tokens("system") + tokens("Be brief.")) + (3 + tokens("user") + 2)
+    assert count_request_tokens("/v1/responses", responses) == expected
