@@ -36,7 +36,7 @@ from tasks.errors import BadInputError
 from tasks.layout import RunLayout
 from tasks.render import RenderedBatch, RequestRenderer, concat_rendered, custom_id_for
 from tasks.storage import ObjectStore
-from tasks.tokens import TextTokenCounter, count_request_tokens
+from tasks.tokens import TextTokenCounter, count_request_tokens, count_requests_tokens
 
 SCAN_BATCH_ROWS = 4096
 RENDER_BATCH_ROWS = 4096  # small (filtered) scan batches are merged up to this many rows
@@ -542,9 +542,7 @@ class RequestTokens:
             bodies = rendered.bodies
             endpoint = self.renderer.endpoint
             future = self.counter.pool.submit(
-                lambda: np.fromiter(
-                    (count_request_tokens(endpoint, body) for body in bodies), np.int64, len(bodies)
-                )
+                lambda: np.array(count_requests_tokens(endpoint, bodies, threads=1), np.int64)
             )
             return future.result
         assert rendered.texts is not None and rendered.text_lengths is not None
