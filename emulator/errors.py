@@ -79,10 +79,6 @@ def json_type(value: Any) -> str:
     return "an object"
 
 
-def unauthorized(message: str, code: str | None = None) -> ApiError:
-    return ApiError(401, message, code=code)
-
-
 NO_API_KEY = (
     "You didn't provide an API key. You need to provide your API key in an Authorization header "
     "using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), or as the password field (with blank "
