@@ -83,6 +83,9 @@ ERRORS_SCHEMA = pa.schema(
 )
 
 IDS_SCHEMA = pa.schema([pa.field("custom_id", pa.string(), nullable=False)])
+# A shard's id sidecar of a job with the cache on: each line's cache key too, so collect can file the
+# shard's results in the cache without reading its request file again.
+IDS_WITH_KEYS_SCHEMA = IDS_SCHEMA.append(pa.field("cache_key", pa.binary(16), nullable=False))
 
 DEAD_LETTER_SCHEMA = pa.schema(
     [

@@ -100,6 +100,10 @@ def keys_of_rendered(rendered: Any) -> list[bytes]:
     return keys
 
 
+def key_array(keys: list[bytes]) -> pa.Array:
+    return pa.array(keys, pa.binary(KEY_BYTES))
+
+
 def _as_u64(keys: list[bytes] | pa.Array) -> np.ndarray:
     """The first 8 bytes of each key as an unsigned integer (the index compares these)."""
     if isinstance(keys, pa.ChunkedArray):
@@ -134,8 +138,8 @@ class CacheIndex:
     def __len__(self) -> int:
         return len(self.sorted_keys)
 
-    def contains(self, keys: list[bytes]) -> np.ndarray:
-        if not len(self.sorted_keys) or not keys:
+    def contains(self, keys: list[bytes] | pa.Array) -> np.ndarray:
+        if not len(self.sorted_keys) or not len(keys):
             return np.zeros(len(keys), dtype=bool)
         probe = _as_u64(keys)
         pos = np.searchsorted(self.sorted_keys, probe)
@@ -165,17 +169,13 @@ class HitRecorder:
         (to be sent), or None when every row is."""
         if not len(self.index) or not len(rendered):
             return None
-        keys = keys_of_rendered(rendered)
+        keys = rendered.keys if rendered.keys is not None else key_array(keys_of_rendered(rendered))
         hit = self.index.contains(keys)
         if not hit.any():
             return None
+        hits = pa.array(hit)
         table = pa.table(
-            {
-                "custom_id": rendered.custom_ids.filter(pa.array(hit)),
-                "cache_key": pa.array(
-                    [k for k, h in zip(keys, hit, strict=True) if h], pa.binary(KEY_BYTES)
-                ),
-            },
+            {"custom_id": rendered.custom_ids.filter(hits), "cache_key": keys.filter(hits)},
             schema=self.schema,
         )
         with self.lock:
@@ -225,13 +225,13 @@ class ResultCache:
         return CacheIndex(np.unique(np.concatenate(parts)))
 
     def write_segment(
-        self, name: str, keys: list[bytes], results: pa.Table, run_id: str, now: str
+        self, name: str, keys: list[bytes] | pa.Array, results: pa.Table, run_id: str, now: str
     ) -> str | None:
         """Add succeeded results (rows aligned with `keys`) as one segment; returns its URI."""
         if results.num_rows == 0:
             return None
         columns: dict[str, Any] = {
-            "cache_key": pa.array(keys, pa.binary(KEY_BYTES)),
+            "cache_key": keys if isinstance(keys, pa.Array) else key_array(keys),
             "created_at": pa.array([now] * results.num_rows, pa.string()),
             "run_id": pa.array([run_id] * results.num_rows, pa.string()),
         }
@@ -309,20 +309,36 @@ class CacheWrite:
 def cache_shard_results(
     cache: ResultCache,
     store: ObjectStore,
-    request_uri: str,
+    shard_files: tuple[str, str],
     results_uri: str,
     name: str,
     run_id: str,
     now: str,
 ) -> int:
-    """Add a collected shard's succeeded results to the cache (failures are never cached)."""
+    """Add a collected shard's succeeded results to the cache (failures are never cached). The keys
+    come from the shard's id sidecar (`shard_files`: request file, id sidecar) when prepare recorded
+    them there, else from its request file, read again."""
     results = store.read_table(results_uri)
     if results.num_rows == 0:
         return 0
-    custom_ids = [str(c) for c in results.column("custom_id").to_pylist()]
-    keys = keys_of_request_file(store, request_uri, set(custom_ids))
-    cache.write_segment(name, [keys[c] for c in custom_ids], results, run_id, now)
+    keys = _sidecar_keys(store, shard_files[1], results.column("custom_id"))
+    if keys is None:
+        custom_ids = [str(c) for c in results.column("custom_id").to_pylist()]
+        by_id = keys_of_request_file(store, shard_files[0], set(custom_ids))
+        keys = key_array([by_id[c] for c in custom_ids])
+    cache.write_segment(name, keys, results, run_id, now)
     return results.num_rows
+
+
+def _sidecar_keys(store: ObjectStore, ids_uri: str, custom_ids: pa.ChunkedArray) -> pa.Array | None:
+    """The cache key of each of these custom_ids, from a sidecar with keys (None without)."""
+    sidecar = store.read_table(ids_uri)
+    if "cache_key" not in sidecar.column_names:
+        return None
+    where = pc.index_in(custom_ids, value_set=sidecar.column("custom_id"))
+    if where.null_count:
+        raise ValueError(f"{ids_uri} lacks the key of a collected result")
+    return sidecar.column("cache_key").take(where).combine_chunks()
 
 
 def cache_report(store: ObjectStore, root: str) -> list[dict[str, Any]]:

@@ -210,7 +210,8 @@ def collect_shard(
     counts.failed = errors.count
     if cache_write is not None and job.cache.enabled:
         cache_shard_results(
-            ResultCache(store, job.storage_root, job), store, shard.request_uri, results_uri,
+            ResultCache(store, job.storage_root, job), store,
+            (shard.request_uri, layout.ids_file(shard.attempt, shard.index)), results_uri,
             f"{cache_write.run_id}-{shard.shard_id}", cache_write.run_id, cache_write.created_at,
         )  # fmt: skip
     return results_uri, errors_uri, counts

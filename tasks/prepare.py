@@ -19,7 +19,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from queue import Empty, Full, Queue
 from typing import IO, Any
 
@@ -30,8 +30,8 @@ import pyarrow.parquet as pq
 
 from schemas.job import JobSpec
 from schemas.manifest import Shard
-from schemas.tables import IDS_SCHEMA, LINEAGE_FIELDS, output_fields
-from tasks.cache import CacheIndex, HitRecorder
+from schemas.tables import IDS_SCHEMA, IDS_WITH_KEYS_SCHEMA, LINEAGE_FIELDS, output_fields
+from tasks.cache import CacheIndex, HitRecorder, key_array, keys_of_rendered
 from tasks.errors import BadInputError
 from tasks.layout import RunLayout
 from tasks.render import RenderedBatch, RequestRenderer, concat_rendered, custom_id_for
@@ -291,7 +291,8 @@ class WriteBehind:
 
 @dataclass
 class ShardWriter:
-    """Writes one shard: its JSONL request file (atomically) and its custom_id sidecar."""
+    """Writes one shard: its JSONL request file (atomically) and its id sidecar: each line's
+    custom_id and, when every line was given one, its cache key."""
 
     store: ObjectStore
     layout: RunLayout
@@ -305,6 +306,9 @@ class ShardWriter:
     digest: Any = field(default_factory=hashlib.sha256)
     behind: WriteBehind | None = None
     id_chunks: list[pa.Array] = field(default_factory=list)
+    keys: list[builtins.bytes] = field(default_factory=list)
+    key_chunks: list[pa.Array] = field(default_factory=list)
+    keyless: bool = False  # a line came without its cache key: the sidecar holds ids only
 
     def _emit(self, data: builtins.bytes | memoryview) -> None:
         if self.behind is None:
@@ -316,33 +320,62 @@ class ShardWriter:
         self.handle.write(data)
         self.digest.update(data)
 
-    def add(self, custom_id: str, line: builtins.bytes, tokens: int) -> None:
+    def add(
+        self, custom_id: str, line: builtins.bytes, tokens: int, key: builtins.bytes | None
+    ) -> None:
         self._emit(line)
         self.lines += 1
         self.bytes += len(line)
         self.input_tokens += tokens
         self.custom_ids.append(custom_id)
+        self._keep_keys(None if key is None else [key])
 
     def add_chunk(
-        self, custom_ids: pa.Array, data: builtins.bytes | memoryview, tokens: int
+        self,
+        custom_ids: pa.Array,
+        data: builtins.bytes | memoryview,
+        tokens: int,
+        keys: pa.Array | None,
     ) -> None:
-        """Many lines at once: `data` is their JSONL bytes, `custom_ids` their ids in order."""
+        """Many lines at once: `data` is their JSONL bytes, `custom_ids` their ids in order (and
+        `keys` their cache keys)."""
         self._emit(data)
         self._flush_ids()
         self.id_chunks.append(custom_ids)
         self.lines += len(custom_ids)
         self.bytes += len(data)
         self.input_tokens += tokens
+        self._keep_keys(keys)
+
+    def _keep_keys(self, keys: list[builtins.bytes] | pa.Array | None) -> None:
+        if keys is None:
+            self.keyless = True
+        elif isinstance(keys, list):
+            self.keys += keys
+        else:
+            self._flush_keys()
+            self.key_chunks.append(keys)
 
     def _flush_ids(self) -> None:
         if self.custom_ids:
             self.id_chunks.append(pa.array(self.custom_ids, pa.string()))
             self.custom_ids = []
 
+    def _flush_keys(self) -> None:
+        if self.keys:
+            self.key_chunks.append(key_array(self.keys))
+            self.keys = []
+
     def sidecar(self) -> None:
         self._flush_ids()
         ids = pa.concat_arrays(self.id_chunks) if self.id_chunks else pa.array([], pa.string())
-        table = pa.table({"custom_id": ids.cast(pa.string())}, schema=IDS_SCHEMA)
+        columns = {"custom_id": ids.cast(pa.string())}
+        schema = IDS_SCHEMA
+        if self.lines and not self.keyless:
+            self._flush_keys()
+            columns["cache_key"] = pa.concat_arrays(self.key_chunks)
+            schema = IDS_WITH_KEYS_SCHEMA
+        table = pa.table(columns, schema=schema)
         self.store.write_table(self.layout.ids_file(self.attempt, self.index), table)
 
     def shard(self) -> Shard:
@@ -409,7 +442,8 @@ class ShardPacker:
             "Shorten that row's text or filter it out."
         )
 
-    def add(self, custom_id: str, line: bytes, tokens: int) -> None:
+    def add(self, custom_id: str, line: bytes, tokens: int, key: bytes | None = None) -> None:
+        """One line (with its cache key, when the cache is on)."""
         if len(line) > self.max_bytes:
             raise self._too_big(custom_id, len(line))
         if self.max_tokens is not None and tokens > self.max_tokens:
@@ -422,7 +456,7 @@ class ShardPacker:
         ):
             self._close()
             writer = self._open()
-        writer.add(custom_id, line, tokens)
+        writer.add(custom_id, line, tokens, key)
 
     def add_rendered(self, rendered: RenderedBatch, tokens: np.ndarray) -> None:
         """Every line of a rendered batch, in order, packed exactly as `add` would pack them one by
@@ -445,6 +479,7 @@ class ShardPacker:
                 rendered.custom_ids.slice(start, take),
                 rendered.chunk(start, stop),
                 int(tokens[start:stop].sum()),
+                rendered.keys.slice(start, take) if rendered.keys is not None else None,
             )
             start = stop
 
@@ -636,6 +671,8 @@ def write_shards(
         every_id = rendered.custom_ids
         if hits is None:
             return rendered, tokens.submit(rendered), every_id
+        # the keys of the lookup also go to the sidecars, so collect need not read the shards again
+        rendered = replace(rendered, keys=key_array(keys_of_rendered(rendered)))
         sent = hits.split(rendered)  # rows whose exact request succeeded before are not sent
         return rendered if sent is None else rendered.select(sent), None, every_id
 

@@ -165,6 +165,7 @@ class RenderedBatch:
     text_lengths: np.ndarray | None = None  # UTF-8 bytes of each text
     lines: list[bytes] | None = None
     bodies: list[dict[str, Any]] | None = None
+    keys: pa.Array | None = None  # each line's cache key (binary(16)), when the cache is on
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -192,6 +193,7 @@ class RenderedBatch:
             bodies=[x for x, k in zip(self.bodies, keep, strict=True) if k]
             if self.bodies is not None
             else None,
+            keys=self.keys.filter(mask) if self.keys is not None else None,
         )
 
     def chunk(self, start: int, stop: int) -> bytes | memoryview:
@@ -233,6 +235,7 @@ def concat_rendered(batches: list[RenderedBatch]) -> RenderedBatch:
         text_lengths=numbers("text_lengths"),
         lines=items("lines"),
         bodies=items("bodies"),
+        keys=arrays("keys"),
     )
 
 

@@ -15,7 +15,7 @@ import orjson
 import pyarrow as pa
 
 from schemas.manifest import RunManifest, Shard
-from tasks.cache import custom_id_of_line
+from tasks.cache import cache_key_from_line, custom_id_of_line
 from tasks.layout import RunLayout
 from tasks.prepare import ShardPacker
 from tasks.storage import ObjectStore
@@ -78,6 +78,7 @@ def write_retry_shards(
     packer = ShardPacker(manifest.job, store, layout, attempt)
     by_batch = {s.batch_id: s for s in manifest.shards if s.batch_id}
     endpoint = manifest.job.request.endpoint
+    keyed = manifest.job.cache.enabled  # the copies' sidecars hold their cache keys, as prepare's
     try:
         for batch_id, ids in sorted(plan.by_source_shard.items()):
             with store.open_read(by_batch[batch_id].request_uri) as handle:
@@ -87,7 +88,8 @@ def write_retry_shards(
                     tokens = count_requests_tokens(endpoint, bodies)
                     for raw, count in zip(group, tokens, strict=True):
                         line = raw if raw.endswith(b"\n") else raw + b"\n"
-                        packer.add(custom_id_of_line(raw), line, count)
+                        key = cache_key_from_line(line) if keyed else None
+                        packer.add(custom_id_of_line(raw), line, count, key)
     except BaseException:
         packer.abort()
         raise

@@ -10,7 +10,15 @@ import pytest
 
 from schemas.job import JobSpec
 from schemas.tables import results_schema
-from tasks.cache import CacheIndex, ResultCache, cache_key, cache_key_from_line, namespace
+from tasks.cache import (
+    CacheIndex,
+    ResultCache,
+    cache_key,
+    cache_key_from_line,
+    cache_shard_results,
+    custom_id_of_line,
+    namespace,
+)
 from tasks.render import RequestRenderer
 from tasks.storage import ObjectStore
 
@@ -133,9 +141,63 @@ def test_an_incremental_prepare_writes_exactly_the_missed_lines(
     assert sent == [line for line in lines if cache_key_from_line(line) not in cached]
     assert night2.cache_hits == len(cached) and len(sent) == 9000 - len(cached)
     assert [s.lines for s in night2.shards] == [2500, 200]
+    layout = RunLayout(job.storage_root, job.name, "2026-01-02")
+    for shard in night2.shards:  # the keys of the lookup are kept for collect
+        assert_sidecar_keys_match_lines(layout.ids_file(1, shard.index), shard.request_uri)
+    first = pq.read_table(RunLayout(job.storage_root, job.name, "2026-01-01").ids_file(1, 0))
+    assert first.column_names == ["custom_id"]  # no lookup (an empty cache), no keys: none hashed
     for shard in night2.shards:
         body_lines = Path(shard.request_uri).read_bytes().splitlines()
         exact = sum(
             count_request_tokens(job.request.endpoint, orjson.loads(b)["body"]) for b in body_lines
         )
         assert shard.input_tokens == exact
+
+
+def assert_sidecar_keys_match_lines(ids_uri: str, request_uri: str) -> None:
+    """The id sidecar holds each line's custom_id and cache key, in line order."""
+    sidecar = pq.read_table(ids_uri)
+    lines = Path(request_uri).read_bytes().splitlines(keepends=True)
+    assert sidecar.column_names == ["custom_id", "cache_key"]
+    assert sidecar.column("custom_id").to_pylist() == [custom_id_of_line(x) for x in lines]
+    assert sidecar.column("cache_key").to_pylist() == [cache_key_from_line(x) for x in lines]
+
+
+def _collected_shard(tmp_path: Path, with_keys: bool) -> tuple[ResultCache, tuple[str, str], str]:
+    """A shard of three lines (its request file, its sidecar with or without keys) and the results
+    collect wrote for two of them, in another order than the lines."""
+    spec = job()
+    renderer = RequestRenderer(spec.request)
+    lines = [renderer.line(f"r-{t}", renderer.body({"t": t})) for t in ("a", "b", "c")]
+    request_uri, ids_uri = str(tmp_path / "requests.jsonl"), str(tmp_path / "ids.parquet")
+    Path(request_uri).write_bytes(b"".join(lines))
+    ids = {"custom_id": [custom_id_of_line(x) for x in lines]}
+    if with_keys:
+        ids["cache_key"] = [cache_key_from_line(x) for x in lines]
+    pq.write_table(pa.table(ids), ids_uri)
+    schema = results_schema(spec.request)
+    rows = [{"custom_id": c, "response_text": f"out {c}", "attempt": 1} for c in ("r-c", "r-a")]
+    results_uri = str(tmp_path / "results.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), results_uri)
+    return (
+        ResultCache(ObjectStore(), str(tmp_path / "root"), spec),
+        (request_uri, ids_uri),
+        results_uri,
+    )
+
+
+@pytest.mark.parametrize("with_keys", [True, False], ids=["sidecar-keys", "request-file"])
+def test_collected_results_are_cached_under_their_request_keys(
+    tmp_path: Path, with_keys: bool
+) -> None:
+    """Keys come from the sidecar when prepare recorded them there (the request file is then not
+    read: it is gone here), else from the request file."""
+    cache, files, results_uri = _collected_shard(tmp_path, with_keys)
+    expected = [key_of(job(), "c"), key_of(job(), "a")]
+    if with_keys:
+        Path(files[0]).unlink()
+    assert cache_shard_results(cache, ObjectStore(), files, results_uri, "s", "run-1", "t") == 2
+    (segment,) = cache.segments()
+    table = pq.read_table(segment)
+    assert table.column("cache_key").to_pylist() == expected
+    assert table.column("response_text").to_pylist() == ["out r-c", "out r-a"]

@@ -118,6 +118,7 @@ def test_retry_shards_copy_exactly_the_planned_lines_with_exact_tokens(tmp_path:
     from tasks.runs import new_manifest
     from tasks.storage import ObjectStore
     from tasks.tokens import count_request_tokens
+    from tests.unit.test_cache import assert_sidecar_keys_match_lines
 
     pq.write_table(product_chunk(0, 3000, 2, mean_chars=200.0), tmp_path / "p.parquet")
     job = JobSpec.model_validate(
@@ -162,3 +163,4 @@ def test_retry_shards_copy_exactly_the_planned_lines_with_exact_tokens(tmp_path:
             for line in Path(shard.request_uri).read_bytes().splitlines()
         ]
         assert shard.input_tokens == sum(body_tokens)
+        assert_sidecar_keys_match_lines(layout.ids_file(2, shard.index), shard.request_uri)
