@@ -16,6 +16,7 @@ tests a whole record batch of keys against it with one vectorised search — no 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -242,35 +243,62 @@ class ResultCache:
         self.store.write_table(uri, pa.table(columns, schema=self.schema))
         return uri
 
-    def read_entries(
+    def served_entries(
         self,
-        wanted: set[bytes],
+        hits: pa.Table,
         max_age_days: float | None,
         now: datetime,
         columns: list[str] | None = None,
+    ) -> Iterator[pa.Table]:
+        """For hit rows (custom_id, cache_key): the newest live entry of each one's key (a full
+        16-byte match), with its `columns` (default all) and the hit's custom_id, one segment at a
+        time. A hit without a live entry is left out. Two passes, neither holding more than one
+        segment's entries: which segment row wins for each key (key and time columns only), then
+        the winning rows of each segment."""
+        uris = self.segments()
+        winners = self._newest_rows(uris, hits.column("cache_key"), max_age_days, now)
+        plan = hits.select(["custom_id", "cache_key"]).join(winners, "cache_key", join_type="inner")
+        plan = plan.sort_by([("segment", "ascending"), ("row", "ascending")])
+        segment = plan.column("segment").to_numpy()
+        bounds = np.flatnonzero(np.diff(segment)) + 1
+        names = None if columns is None else ["cache_key", "created_at", *columns]
+        for start, stop in zip([0, *bounds], [*bounds, len(segment)], strict=True):
+            part = plan.slice(start, stop - start)
+            entries = self.store.read_table(uris[segment[start]], columns=names)
+            entries = entries.take(part.column("row")).drop_columns(["cache_key"])
+            yield entries.append_column("custom_id", part.column("custom_id")).append_column(
+                "cache_key", part.column("cache_key")
+            )
+
+    def _newest_rows(
+        self, uris: list[str], keys: pa.ChunkedArray, max_age_days: float | None, now: datetime
     ) -> pa.Table:
-        """The newest live entry of each wanted key (full 16-byte match), with `columns` only (the
-        key and its creation time are always read)."""
-        wanted_array = pa.array(list(wanted), pa.binary(KEY_BYTES))
-        schema = self.schema
-        if columns is not None:
-            names = {"cache_key", "created_at", *columns}
-            schema = pa.schema([f for f in self.schema if f.name in names])
+        """(cache_key, segment, row): where the newest live entry of each of these keys is."""
+        wanted = np.unique(_as_u64(keys))
         found = []
-        for uri in self.segments():
-            table = self.store.read_table(uri, columns=schema.names)
+        for number, uri in enumerate(uris):
+            table = self.store.read_table(uri, columns=["cache_key", "created_at"])
+            table = table.append_column("row", pa.array(np.arange(table.num_rows)))
             table = self._live(table, max_age_days, now)
-            table = table.filter(pc.is_in(table.column("cache_key"), value_set=wanted_array))
-            if table.num_rows:
-                found.append(table.cast(schema))
+            probe = _as_u64(table.column("cache_key"))
+            at = np.minimum(np.searchsorted(wanted, probe), max(len(wanted) - 1, 0))
+            if len(wanted):
+                table = table.filter(pa.array(wanted[at] == probe))  # 8-byte prefix: candidates
+                found.append(
+                    table.append_column("segment", pa.array(np.full(table.num_rows, number)))
+                )
         if not found:
-            return schema.empty_table()
+            return pa.table({"cache_key": pa.array([], pa.binary(KEY_BYTES)),
+                             "segment": pa.array([], pa.int64()), "row": pa.array([], pa.int64())})  # fmt: skip
         merged = pa.concat_tables(found).sort_by(
             [("cache_key", "ascending"), ("created_at", "descending")]
         )
-        keys = merged.column("cache_key").to_pylist()
-        first = [i for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k]
-        return merged.take(pa.array(first, pa.int64()))
+        keys_sorted = merged.column("cache_key").combine_chunks()
+        raw = np.frombuffer(keys_sorted.buffers()[1], np.uint8)[: len(keys_sorted) * KEY_BYTES]
+        pairs = raw.reshape(-1, KEY_BYTES).view(np.uint64)
+        first = np.ones(len(pairs), bool)
+        first[1:] = (pairs[1:] != pairs[:-1]).any(axis=1)  # the newest entry of each key
+        return merged.filter(pa.array(first)).select(["cache_key", "segment", "row"])
 
     def prune(self, older_than_days: float, now: datetime) -> int:
         """Delete segments whose entries are all older than the cutoff; returns how many."""
@@ -356,32 +384,31 @@ def cache_report(store: ObjectStore, root: str) -> list[dict[str, Any]]:
     return rows
 
 
-def served_usage(cache: ResultCache, store: ObjectStore, hits_uri: str, now: datetime) -> pa.Table:
-    """custom_id, model and usage of each row `served_results` serves (no output columns read)."""
-    hits = store.read_table(hits_uri)
+def served_usage(
+    cache: ResultCache, store: ObjectStore, hits_uri: str, now: datetime
+) -> Iterator[pa.Table]:
+    """custom_id, model and usage of the rows `served_results` serves, a segment at a time (no
+    output columns read)."""
     usage = ["model", *(f.name for f in USAGE_FIELDS)]
-    entries = cache.read_entries(set(hits.column("cache_key").to_pylist()), None, now, usage)
-    return hits.join(entries, keys="cache_key", join_type="inner")
+    return cache.served_entries(store.read_table(hits_uri), None, now, usage)
 
 
 def served_results(
     cache: ResultCache, store: ObjectStore, hits_uri: str, now: datetime
-) -> pa.Table:
+) -> Iterator[pa.Table]:
     """The cached results of a run's hits, as result rows (custom_id of this run, attempt 0) with the
-    producing run in `cached_from_run`. A hit whose entry has since been pruned is left out (load then
-    dead-letters it as missing rather than serve something else)."""
-    hits = store.read_table(hits_uri)
-    entries = cache.read_entries(set(hits.column("cache_key").to_pylist()), None, now)
-    joined = hits.join(entries, keys="cache_key", join_type="inner")
+    producing run in `cached_from_run`, a cache segment at a time. A hit whose entry has since been
+    pruned is left out (load then dead-letters it as missing rather than serve something else)."""
     schema = results_schema(cache.job.request)
-    n = joined.num_rows
-    columns: dict[str, Any] = {}
-    for field in schema:
-        if field.name == "attempt":
-            columns[field.name] = pa.array([0] * n, pa.int32())
-        elif field.name == "batch_id":
-            columns[field.name] = pa.nulls(n, pa.string())
-        else:
-            columns[field.name] = joined.column(field.name).cast(field.type)
-    columns["cached_from_run"] = joined.column("run_id")
-    return pa.table(columns, schema=schema.append(pa.field("cached_from_run", pa.string())))
+    for entries in cache.served_entries(store.read_table(hits_uri), None, now):
+        n = entries.num_rows
+        columns: dict[str, Any] = {}
+        for field in schema:
+            if field.name == "attempt":
+                columns[field.name] = pa.array(np.zeros(n, np.int32))
+            elif field.name == "batch_id":
+                columns[field.name] = pa.nulls(n, pa.string())
+            else:
+                columns[field.name] = entries.column(field.name).cast(field.type)
+        columns["cached_from_run"] = entries.column("run_id")
+        yield pa.table(columns, schema=schema.append(pa.field("cached_from_run", pa.string())))

@@ -87,7 +87,8 @@ def run_billing(manifest: RunManifest, store: ObjectStore) -> RunBilling:
     cached: dict[str, dict[str, int]] = {}
     if manifest.cache_hits_uri:
         cache = ResultCache(store, manifest.job.storage_root, manifest.job)
-        _add_usage(cached, served_usage(cache, store, manifest.cache_hits_uri, datetime.now(UTC)))
+        for served in served_usage(cache, store, manifest.cache_hits_uri, datetime.now(UTC)):
+            _add_usage(cached, served)
     return RunBilling(billed, cached, result_rows, error_rows)
 
 
@@ -241,13 +242,13 @@ class _Outcomes:
                 for table in self._batches(shard.results_uri):
                     yield _with_cached_from(table, self.results_schema)
         if self.manifest.cache_hits_uri:
-            cached = served_results(
+            for cached in served_results(
                 ResultCache(self.store, self.manifest.job.storage_root, self.manifest.job),
                 self.store,
                 self.manifest.cache_hits_uri,
                 datetime.now(UTC),
-            )
-            yield cached.cast(self.results_schema)
+            ):
+                yield cached.cast(self.results_schema)
 
     def errors(self) -> Iterator[pa.Table]:
         for shard in self.manifest.shards:

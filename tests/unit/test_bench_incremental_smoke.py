@@ -17,3 +17,4 @@ def test_incremental_benchmark_prepares_exactly_the_changed_rows(
     assert "changed for night 2: 75" in out
     assert "| 75 | 1,425 |" in out
     assert "exactly the changed rows were prepared" in out
+    assert "load's reads of the cache for night 2: 1,425 results" in out

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from schemas.job import JobSpec
-from schemas.tables import results_schema
+from schemas.tables import CACHE_HITS_SCHEMA, results_schema
 from tasks.cache import (
     CacheIndex,
     ResultCache,
@@ -17,6 +17,7 @@ from tasks.cache import (
     cache_key_from_line,
     cache_shard_results,
     custom_id_of_line,
+    key_array,
     namespace,
 )
 from tasks.render import RequestRenderer
@@ -85,14 +86,19 @@ def test_segments_round_trip_expire_and_prune(tmp_path: Path) -> None:
     assert (
         len(cache.index(max_age_days=5, now=NOW)) == 1
     )  # entries older than 5 days are not served
-    entries = cache.read_entries(set(keys), None, NOW)
-    assert sorted(entries.column("response_text").to_pylist()) == [
-        "answer 0",
-        "answer 1",
-        "answer 2",
+    hits = pa.table({"custom_id": ["x0", "x1", "x2"], "cache_key": key_array(keys)})
+    entries = pa.concat_tables(cache.served_entries(hits, None, NOW))
+    served = zip(
+        entries["custom_id"].to_pylist(), entries["response_text"].to_pylist(), strict=True
+    )
+    assert sorted(served) == [
+        ("x0", "answer 0"),
+        ("x1", "answer 1"),
+        ("x2", "answer 2"),
     ]
     assert set(entries.column("run_id").to_pylist()) == {"run-a", "run-b"}
-    assert cache.read_entries(set(keys), 5, NOW).column("response_text").to_pylist() == ["answer 2"]
+    recent = pa.concat_tables(cache.served_entries(hits, 5, NOW))
+    assert recent.column("response_text").to_pylist() == ["answer 2"]
     assert cache.prune(older_than_days=5, now=NOW) == 1
     assert len(cache.index(None, NOW)) == 1
 
@@ -201,3 +207,33 @@ def test_collected_results_are_cached_under_their_request_keys(
     table = pq.read_table(segment)
     assert table.column("cache_key").to_pylist() == expected
     assert table.column("response_text").to_pylist() == ["out r-c", "out r-a"]
+
+
+def test_served_entries_are_the_newest_of_each_key_a_segment_at_a_time(tmp_path: Path) -> None:
+    """Across segments the newest entry of a key wins; two hits with the same request share its
+    entry; a key that shares only its first 8 bytes with an entry is not served; each table holds
+    one segment's rows."""
+    spec = job()
+    cache = ResultCache(ObjectStore(), str(tmp_path), spec)
+    schema = results_schema(spec.request)
+
+    def results(*texts: str) -> pa.Table:
+        rows = [{"custom_id": f"r-{t}", "attempt": 1, "response_text": t} for t in texts]
+        return pa.Table.from_pylist(rows, schema=schema)
+
+    k = [cache_key("/v1/chat/completions", str(i).encode()) for i in range(3)]
+    twin = k[0][:8] + bytes(8)  # same 8-byte prefix as k[0], another key
+    day = [(NOW - timedelta(days=d)).isoformat() for d in (3, 2, 1)]
+    cache.write_segment("a", [k[0], k[1]], results("k0 old", "k1 old"), "run-a", day[0])
+    cache.write_segment("b", [k[1], k[2]], results("k1 new", "k2"), "run-b", day[2])
+    cache.write_segment("c", [k[0]], results("k0 mid"), "run-c", day[1])
+    hits = pa.table(
+        {"custom_id": ["h1", "h0", "h0-twin", "h-prefix"], "cache_key": key_array([k[1], k[0], k[0], twin])},
+        schema=CACHE_HITS_SCHEMA,
+    )  # fmt: skip
+    tables = list(cache.served_entries(hits, None, NOW))
+    assert [set(t["run_id"].to_pylist()) for t in tables] == [{"run-b"}, {"run-c"}]
+    served = {r["custom_id"]: r["response_text"] for t in tables for r in t.to_pylist()}
+    assert served == {"h1": "k1 new", "h0": "k0 mid", "h0-twin": "k0 mid"}
+    usage = pa.concat_tables(cache.served_entries(hits, None, NOW, ["model", "input_tokens"]))
+    assert "response_text" not in usage.column_names and usage.num_rows == 3
