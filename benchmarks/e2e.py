@@ -67,38 +67,68 @@ def emulator_process(
         print(f"emulator exited with {process.returncode}: {log.read_text()}", file=sys.stderr)
 
 
-@contextlib.contextmanager
-def timeline(root_url: str, every: float = 2.0) -> Iterator[None]:
-    """Print the emulator's batches by status and lines done every `every` seconds (stderr)."""
-    import httpx
+TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
-    stop = threading.Event()
-    started = time.perf_counter()
 
-    def watch() -> None:
-        with httpx.Client(base_url=root_url, timeout=30) as client:
-            while not stop.wait(every):
+class Watch:
+    """Polls the emulator's stats every `every` seconds (printing them with `verbose`) and notes when
+    the first batch input file arrived and when the last batch became terminal: the run's time
+    splits into before the first upload (Prefect, prepare), the emulator at work, and after the
+    last batch (the final collect and load)."""
+
+    def __init__(self, root_url: str, every: float = 1.0, verbose: bool = False) -> None:
+        self.root_url, self.every, self.verbose = root_url, every, verbose
+        self.started = time.perf_counter()
+        self.first_upload: float | None = None
+        self.all_terminal: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> Watch:
+        self.started = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        import httpx
+
+        with httpx.Client(base_url=self.root_url, timeout=30) as client:
+            while not self._stop.wait(self.every):
                 try:
                     stats = client.get("/_emulator/stats").json()
                 except httpx.HTTPError:
                     continue
-                items = stats["batches"]["items"]
-                done = sum(
-                    b["request_counts"]["completed"] + b["request_counts"]["failed"] for b in items
-                )
-                print(
-                    f"[{time.perf_counter() - started:6.1f} s] batches {stats['batches']['by_status']}"
-                    f" lines done {done:,} files {stats['files']['by_purpose']}",
-                    file=sys.stderr,
-                )
+                now = time.perf_counter() - self.started
+                by_status, files = stats["batches"]["by_status"], stats["files"]["by_purpose"]
+                if self.first_upload is None and files.get("batch"):
+                    self.first_upload = now
+                open_batches = sum(n for k, n in by_status.items() if k not in TERMINAL)
+                if by_status and not open_batches:
+                    self.all_terminal = self.all_terminal or now
+                else:
+                    self.all_terminal = None
+                if self.verbose:
+                    items = stats["batches"]["items"]
+                    done = sum(
+                        b["request_counts"]["completed"] + b["request_counts"]["failed"]
+                        for b in items
+                    )
+                    print(f"[{now:6.1f} s] batches {by_status} lines done {done:,} files {files}",
+                          file=sys.stderr)  # fmt: skip
 
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
+    def phases(self, total: float) -> str:
+        if self.first_upload is None or self.all_terminal is None:
+            return "phases: not observed"
+        return (
+            f"phases (±{self.every:.0f} s): until the first input file was uploaded (Prefect, prepare, one upload) "
+            f"{self.first_upload:.1f} s; emulator at work (uploads, validation, replies) "
+            f"{self.all_terminal - self.first_upload:.1f} s; after the last batch finished "
+            f"(collect, load) {total - self.all_terminal:.1f} s"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "--in-process", action="store_true", help="the emulator in a thread of this process"
     )
     parser.add_argument(
-        "--timeline", action="store_true", help="print the emulator's progress every 2 s"
+        "--timeline", action="store_true", help="print the emulator's progress every second"
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -144,12 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             base_url = stack.enter_context(emulator_process(state, settings, cpu))
         os.environ["OPENAI_BASE_URL"] = base_url
-        if args.timeline:
-            stack.enter_context(timeline(base_url.removesuffix("/v1")))
+        watch = stack.enter_context(Watch(base_url.removesuffix("/v1"), verbose=args.timeline))
         os.environ["OPENAI_API_KEY"] = "emulator-key"
         from flows.stages import pipeline
 
-        started, own = time.perf_counter(), time.process_time()
+        watch.started = started = time.perf_counter()
+        own = time.process_time()
         result = pipeline(job, run_date="2026-01-01", poll_interval_seconds=args.poll_interval)
         seconds = time.perf_counter() - started
         cpu["this process"] = time.process_time() - own
@@ -158,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0]
     used = ", ".join(f"{name} {value:.1f} s" for name, value in cpu.items())
     print(f"CPU: {used} (load average at the end {load:.2f}, {os.cpu_count()} CPUs)")
+    print(watch.phases(seconds))
     return 0
 
 
