@@ -105,6 +105,14 @@ def key_array(keys: list[bytes]) -> pa.Array:
     return pa.array(keys, pa.binary(KEY_BYTES))
 
 
+def _key_words(keys: pa.ChunkedArray) -> np.ndarray:
+    """Keys (binary(16), no nulls) as rows of two 64-bit words, for comparing whole keys."""
+    array = keys.combine_chunks()
+    data = np.frombuffer(array.buffers()[1], np.uint8)
+    rows = data[array.offset * KEY_BYTES : (array.offset + len(array)) * KEY_BYTES]
+    return rows.reshape(-1, KEY_BYTES).view(np.uint64)
+
+
 def _as_u64(keys: list[bytes] | pa.Array) -> np.ndarray:
     """The first 8 bytes of each key as an unsigned integer (the index compares these)."""
     if isinstance(keys, pa.ChunkedArray):
@@ -259,6 +267,8 @@ class ResultCache:
         winners = self._newest_rows(uris, hits.column("cache_key"), max_age_days, now)
         plan = hits.select(["custom_id", "cache_key"]).join(winners, "cache_key", join_type="inner")
         plan = plan.sort_by([("segment", "ascending"), ("row", "ascending")])
+        if not plan.num_rows:
+            return
         segment = plan.column("segment").to_numpy()
         bounds = np.flatnonzero(np.diff(segment)) + 1
         names = None if columns is None else ["cache_key", "created_at", *columns]
@@ -275,29 +285,24 @@ class ResultCache:
     ) -> pa.Table:
         """(cache_key, segment, row): where the newest live entry of each of these keys is."""
         wanted = np.unique(_as_u64(keys))
-        found = []
-        for number, uri in enumerate(uris):
+        found = [
+            pa.table({"cache_key": pa.array([], pa.binary(KEY_BYTES)), "created_at": pa.array([], pa.string()),
+                      "row": pa.array([], pa.int64()), "segment": pa.array([], pa.int64())})
+        ]  # fmt: skip
+        for number, uri in enumerate(uris if len(wanted) else []):
             table = self.store.read_table(uri, columns=["cache_key", "created_at"])
             table = table.append_column("row", pa.array(np.arange(table.num_rows)))
             table = self._live(table, max_age_days, now)
             probe = _as_u64(table.column("cache_key"))
-            at = np.minimum(np.searchsorted(wanted, probe), max(len(wanted) - 1, 0))
-            if len(wanted):
-                table = table.filter(pa.array(wanted[at] == probe))  # 8-byte prefix: candidates
-                found.append(
-                    table.append_column("segment", pa.array(np.full(table.num_rows, number)))
-                )
-        if not found:
-            return pa.table({"cache_key": pa.array([], pa.binary(KEY_BYTES)),
-                             "segment": pa.array([], pa.int64()), "row": pa.array([], pa.int64())})  # fmt: skip
+            at = np.minimum(np.searchsorted(wanted, probe), len(wanted) - 1)
+            table = table.filter(pa.array(wanted[at] == probe))  # the 8-byte prefix: candidates
+            found.append(table.append_column("segment", pa.array(np.full(table.num_rows, number))))
         merged = pa.concat_tables(found).sort_by(
             [("cache_key", "ascending"), ("created_at", "descending")]
         )
-        keys_sorted = merged.column("cache_key").combine_chunks()
-        raw = np.frombuffer(keys_sorted.buffers()[1], np.uint8)[: len(keys_sorted) * KEY_BYTES]
-        pairs = raw.reshape(-1, KEY_BYTES).view(np.uint64)
-        first = np.ones(len(pairs), bool)
-        first[1:] = (pairs[1:] != pairs[:-1]).any(axis=1)  # the newest entry of each key
+        key_words = _key_words(merged.column("cache_key"))
+        first = np.ones(len(key_words), bool)
+        first[1:] = (key_words[1:] != key_words[:-1]).any(axis=1)  # the newest entry of each key
         return merged.filter(pa.array(first)).select(["cache_key", "segment", "row"])
 
     def prune(self, older_than_days: float, now: datetime) -> int:

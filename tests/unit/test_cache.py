@@ -237,3 +237,6 @@ def test_served_entries_are_the_newest_of_each_key_a_segment_at_a_time(tmp_path:
     assert served == {"h1": "k1 new", "h0": "k0 mid", "h0-twin": "k0 mid"}
     usage = pa.concat_tables(cache.served_entries(hits, None, NOW, ["model", "input_tokens"]))
     assert "response_text" not in usage.column_names and usage.num_rows == 3
+    assert list(cache.served_entries(hits.slice(3), None, NOW)) == []  # only the prefix twin
+    assert list(cache.served_entries(hits.slice(0, 0), None, NOW)) == []
+    assert list(cache.served_entries(hits, 0.5, NOW)) == []  # every entry is older
