@@ -4,17 +4,18 @@ Every selected row ends exactly once in the output (it has a result) or in the d
 none: permanent error, retries exhausted, or never came back).
 
 Memory stays bounded as runs grow: a run whose outcomes fit in one bucket (LOAD_BUCKET_ROWS rows and
-LOAD_BUCKET_BYTES of results) is joined in memory while the source streams past, and its output keeps
-the source's row order. A larger run is hash-partitioned by custom_id: results, errors, prepared ids
-and source rows are spilled to local Arrow IPC files, one per bucket, and joined bucket by bucket,
-so only one bucket's results (never all the vectors of an embeddings run) are in memory at a time;
-its output comes bucket by bucket (in source order within a bucket)."""
+LOAD_BUCKET_BYTES of results) is joined in memory while the source streams past. A larger run is
+hash-partitioned by custom_id: results, errors, prepared ids and the source's ids are spilled to local
+Arrow IPC files, one per bucket, and joined bucket by bucket, so only one bucket's results (never all
+the vectors of an embeddings run) are in memory at a time; the joined results, spilled in source
+order, are then merged back into a second scan of the source (`_join_by_bucket`). Either way the
+output keeps the source's row order."""
 
 from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -154,9 +155,12 @@ class LoadSummary:
 LOAD_BUCKET_ROWS = 200_000  # outcome rows held in memory at once
 LOAD_BUCKET_BYTES = 256 << 20  # result bytes (uncompressed) held in memory at once
 SCAN_ROWS = 8192
+SPILL_BATCH_BYTES = 1 << 20  # a spilled batch of joined results is at most about this large
 ROW_GROUP_ROWS = 65_536  # enriched rows written as one row group ...
 ROW_GROUP_BYTES = 64 << 20  # ... or fewer when they are this large (embeddings)
 _CID = "__nb_custom_id"
+_POS = "__nb_position"  # a row's position in the source scan
+_POS_FIELD = pa.field(_POS, pa.int64())
 _ERROR_COLUMNS = ["custom_id", "attempt", "code", "message", "retryable"]
 
 
@@ -182,7 +186,7 @@ class _Spill:
         self.schema = schema
         self.writers: dict[int, ipc.RecordBatchStreamWriter] = {}
 
-    def add(self, table: pa.Table, bucket: np.ndarray) -> None:
+    def add(self, table: pa.Table, bucket: np.ndarray, batch_rows: int | None = None) -> None:
         if table.schema != self.schema:
             table = table.cast(self.schema)
         order = np.argsort(bucket, kind="stable")
@@ -193,7 +197,7 @@ class _Spill:
             writer = self.writers.get(b)
             if writer is None:
                 writer = self.writers[b] = ipc.new_stream(str(self.paths[b]), self.schema)
-            writer.write_table(ordered.slice(start, int(counts[b])))
+            writer.write_table(ordered.slice(start, int(counts[b])), max_chunksize=batch_rows)
             start += int(counts[b])
 
     def close(self) -> None:
@@ -202,7 +206,7 @@ class _Spill:
 
     def read(self, b: int) -> Iterator[pa.RecordBatch]:
         if self.paths[b].exists():
-            with ipc.open_stream(str(self.paths[b])) as reader:
+            with pa.OSFile(str(self.paths[b])) as handle, ipc.open_stream(handle) as reader:
                 yield from reader
 
     def table(self, b: int) -> pa.Table:
@@ -304,7 +308,10 @@ def write_output(manifest: RunManifest, store: ObjectStore) -> LoadSummary:
     )
     target = output_file(job.output_uri, manifest.run_date)
     join = _Join(manifest, columns, result_names, out_schema)
-    scan = iter_source_batches(dataset, columns, source_filter(job), filter_columns(job))
+
+    def scan(names: list[str]) -> Iterator[pa.RecordBatch]:
+        return iter_source_batches(dataset, names, source_filter(job), filter_columns(job))
+
     buckets = outcomes.bucket_count()
     with (
         store.open_atomic(layout.dead_letter) as dead_handle,
@@ -315,10 +322,10 @@ def write_output(manifest: RunManifest, store: ObjectStore) -> LoadSummary:
         try:
             if buckets == 1:
                 bucket = outcomes.one_bucket()
-                for batch in scan:
+                for batch in scan(columns):
                     join.add(batch, custom_ids_for(batch.column(id_column)).to_pylist(), bucket)
             else:
-                _join_by_bucket(outcomes, scan, id_column, buckets, Path(spill_dir), join)
+                _join_by_bucket(outcomes, scan, columns, buckets, Path(spill_dir), join)
         finally:
             join.close()  # on an error too, while the files are open (they are then discarded)
     return LoadSummary(target, layout.dead_letter, join.written, join.dead, join.not_in_run)
@@ -326,13 +333,18 @@ def write_output(manifest: RunManifest, store: ObjectStore) -> LoadSummary:
 
 def _join_by_bucket(
     outcomes: _Outcomes,
-    scan: Iterator[pa.RecordBatch],
-    id_column: str,
+    scan: Callable[[list[str]], Iterator[pa.RecordBatch]],
+    columns: list[str],
     buckets: int,
     directory: Path,
     join: _Join,
 ) -> None:
-    """Spill outcomes and source rows to one file per bucket, then join bucket by bucket."""
+    """Spill the outcomes and the source's ids (with each row's position) to one file per bucket;
+    join each bucket's ids to its outcomes (rows without a result go to the dead letter there and
+    then, results are spilled again in source order); then scan the source once more and merge each
+    batch's results back from the buckets' spills. The output keeps the source's order, and source
+    rows are never spilled (only their ids)."""
+    id_column = columns[0]
     spills: dict[str, _Spill] = {
         "results": _Spill(directory, "results", outcomes.results_schema, buckets),
         "errors": _Spill(directory, "errors", outcomes.errors_schema, buckets),
@@ -346,17 +358,22 @@ def _join_by_bucket(
         for table in tables:
             ids = table.column("custom_id").to_pylist()
             spills[name].add(table, _buckets_of(ids, buckets))
-    source: _Spill | None = None
-    for batch in scan:
-        ids = custom_ids_for(batch.column(id_column))
-        table = pa.Table.from_batches([batch]).append_column(_CID, ids)
-        if source is None:
-            source = _Spill(directory, "source", table.schema, buckets)
-        source.add(table, _buckets_of(ids.to_pylist(), buckets))
-    for spill in [*spills.values(), *([source] if source else [])]:
+    position = 0
+    for batch in scan([id_column]):
+        custom_ids = custom_ids_for(batch.column(id_column))
+        rows = pa.Table.from_batches([batch.select([id_column])])
+        rows = rows.append_column(_CID, custom_ids).append_column(
+            _POS, pa.array(np.arange(position, position + batch.num_rows))
+        )
+        if "ids" not in spills:
+            spills["ids"] = _Spill(directory, "ids", rows.schema, buckets)
+        spills["ids"].add(rows, _buckets_of(custom_ids.to_pylist(), buckets))
+        position += batch.num_rows
+    for spill in spills.values():
         spill.close()
-    if source is None:
+    if "ids" not in spills:
         return
+    joined = _Spill(directory, "joined", outcomes.results_schema.append(_POS_FIELD), buckets)
     for b in range(buckets):
         errors = spills["errors"].table(b)
         bucket = _Bucket(
@@ -364,9 +381,65 @@ def _join_by_bucket(
             last_errors(errors),
             set(spills["prepared"].table(b).column(0).to_pylist()),
         )
-        for rows in _coalesced(source.read(b), SCAN_ROWS):
-            custom_ids = rows.column(_CID).to_pylist()
-            join.add(rows.drop_columns([_CID]), custom_ids, bucket)
+        for rows in _coalesced(spills["ids"].read(b), SCAN_ROWS):
+            found, at = join.match(rows.column(id_column), rows.column(_CID).to_pylist(), bucket)
+            if len(at):
+                taken = bucket.results.take(pa.array(at))
+                taken = taken.append_column(_POS, rows.column(_POS).filter(pa.array(found)))
+                joined.add(taken, np.full(len(at), b), _spill_batch_rows(taken))
+    joined.close()
+    streams = [_PositionStream(joined.read(b)) for b in range(buckets)]
+    position = 0
+    for batch in scan(columns):
+        end = position + batch.num_rows
+        pieces = [piece for stream in streams if (piece := stream.below(end)) is not None]
+        if pieces:
+            taken = pa.concat_tables(pieces)
+            at = taken.column(_POS).to_numpy()
+            order = np.argsort(at, kind="stable")
+            taken = taken.take(pa.array(order)).drop_columns([_POS])
+            rows = batch.take(pa.array(at[order] - position))
+            if not custom_ids_for(rows.column(id_column)).equals(
+                taken.column("custom_id").combine_chunks()
+            ):
+                raise RuntimeError(
+                    "the source table changed while load was reading it (its rows moved between "
+                    "two scans); run load again"
+                )
+            join.emit(rows, taken)
+        position = end
+
+
+def _spill_batch_rows(table: pa.Table) -> int:
+    """Rows per spilled batch: small enough that one batch of each bucket held at once stays small
+    (an embedding row is kilobytes)."""
+    row_bytes = max(1, table.nbytes // max(1, table.num_rows))
+    return int(min(SCAN_ROWS, max(64, SPILL_BATCH_BYTES // row_bytes)))
+
+
+class _PositionStream:
+    """The batches of a spill sorted by source position, taken a position range at a time."""
+
+    def __init__(self, batches: Iterator[pa.RecordBatch]) -> None:
+        self.batches = batches
+        self.rest: pa.Table | None = None
+
+    def below(self, end: int) -> pa.Table | None:
+        """The next rows whose position is below `end` (None if there are none)."""
+        taken: list[pa.Table] = []
+        while True:
+            if self.rest is None or not self.rest.num_rows:
+                batch = next(self.batches, None)
+                if batch is None:
+                    break
+                self.rest = pa.Table.from_batches([batch])
+            cut = int(np.searchsorted(self.rest.column(_POS).to_numpy(), end))
+            taken.append(self.rest.slice(0, cut))
+            self.rest = self.rest.slice(cut)
+            if self.rest.num_rows:
+                break
+        taken = [t for t in taken if t.num_rows]
+        return pa.concat_tables(taken) if taken else None
 
 
 def _coalesced(batches: Iterator[pa.RecordBatch], rows: int) -> Iterator[pa.Table]:
@@ -408,15 +481,24 @@ class _Join:
         self.dead_writer = pq.ParquetWriter(dead_handle, DEAD_LETTER_SCHEMA, compression="zstd")
 
     def add(self, batch: pa.RecordBatch | pa.Table, custom_ids: list[str], bucket: _Bucket) -> None:
-        job = self.manifest.job
+        """Source rows and their custom_ids: the enriched rows are written, the rest accounted."""
+        found, at = self.match(batch.column(self.manifest.job.source.id_column), custom_ids, bucket)
+        if len(at):
+            self.emit(batch.filter(pa.array(found)), bucket.results.take(pa.array(at)))
+
+    def match(
+        self, id_values: Any, custom_ids: list[str], bucket: _Bucket
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Which rows have a result (a mask) and where their results are in the bucket; each row
+        without one goes to the dead letter, or is counted as not in this run."""
         n_rows = len(custom_ids)
         index = bucket.index
         positions = np.fromiter((index.get(c, -1) for c in custom_ids), np.int64, n_rows)
         found = positions >= 0
         missing = np.flatnonzero(~found)
         if len(missing):
-            id_values = batch.column(job.source.id_column).take(pa.array(missing)).to_pylist()
-            for i, value in zip(missing.tolist(), id_values, strict=True):
+            values = id_values.take(pa.array(missing)).to_pylist()
+            for i, value in zip(missing.tolist(), values, strict=True):
                 cid = custom_ids[i]
                 if cid not in bucket.prepared:
                     self.not_in_run += 1  # appeared in the source after prepare: not in this run
@@ -425,10 +507,10 @@ class _Join:
                 self.dead += 1
             if len(self.dead_rows) >= SCAN_ROWS:
                 self._flush_dead()
-        if not found.any():
-            return
-        rows = batch.filter(pa.array(found))
-        taken = bucket.results.take(pa.array(positions[found]))
+        return found, positions[found]
+
+    def emit(self, rows: pa.RecordBatch | pa.Table, taken: pa.Table) -> None:
+        """Write source rows with their results (`taken`, row for row)."""
         n = rows.num_rows
         arrays = [rows.column(c) for c in self.columns]
         arrays += [taken.column(name) for name in self.result_names]
