@@ -387,6 +387,8 @@ def _join_by_bucket(
                 taken = bucket.results.take(pa.array(at))
                 taken = taken.append_column(_POS, rows.column(_POS).filter(pa.array(found)))
                 joined.add(taken, np.full(len(at), b), _spill_batch_rows(taken))
+        for spill in spills.values():  # done with: the joined results take their disk space
+            spill.paths[b].unlink(missing_ok=True)
     joined.close()
     streams = [_PositionStream(joined.read(b)) for b in range(buckets)]
     position = 0
