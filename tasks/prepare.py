@@ -277,6 +277,10 @@ class WriteBehind:
         while len(self.pending) > 2 * WRITE_BEHIND_CHUNKS:
             self.pending.popleft().result()
 
+    def then(self, write: Callable[[], object]) -> None:
+        """A write job with no bytes to hash (it runs after every write submitted before it)."""
+        self.pending.append(self.writes.submit(write))
+
     def drain(self) -> None:
         while self.pending:
             self.pending.popleft().result()
@@ -406,12 +410,13 @@ class ShardPacker:
         self.layout = layout
         self.attempt = attempt
         self.shards: list[Shard] = []
+        self._closed: list[ShardWriter] = []
         self._writer: ShardWriter | None = None
         self._context: Any = None
         self._behind: WriteBehind | None = None
 
     def _open(self) -> ShardWriter:
-        index = len(self.shards)
+        index = len(self._closed)
         self._context = self.store.open_atomic(self.layout.request_file(self.attempt, index))
         handle = self._context.__enter__()
         self._writer = ShardWriter(
@@ -420,14 +425,22 @@ class ShardPacker:
         return self._writer
 
     def _close(self) -> None:
-        if self._writer is None:
+        """Commit the open shard's file and write its sidecar: at once, or, when its lines are
+        written behind, on the write thread after them (packing goes on meanwhile)."""
+        writer, context = self._writer, self._context
+        if writer is None:
             return
-        if self._behind is not None:
-            self._behind.drain()
-        self._context.__exit__(None, None, None)
-        self._writer.sidecar()
-        self.shards.append(self._writer.shard())
         self._writer = None
+        self._closed.append(writer)
+
+        def commit() -> None:
+            context.__exit__(None, None, None)
+            writer.sidecar()
+
+        if self._behind is None:
+            commit()
+        else:
+            self._behind.then(commit)
 
     def _too_big(self, custom_id: str, size: int) -> BadInputError:
         return BadInputError(
@@ -512,6 +525,7 @@ class ShardPacker:
         finally:
             if self._behind is not None:
                 self._behind.close()
+        self.shards = [writer.shard() for writer in self._closed]  # their digests are complete
         return self.shards
 
     def abort(self) -> None:
