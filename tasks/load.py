@@ -404,12 +404,18 @@ def _join_by_bucket(
             if not custom_ids_for(rows.column(id_column)).equals(
                 taken.column("custom_id").combine_chunks()
             ):
-                raise RuntimeError(
-                    "the source table changed while load was reading it (its rows moved between "
-                    "two scans); run load again"
-                )
+                raise _source_changed()
             join.emit(rows, taken)
         position = end
+    if any(stream.below(np.iinfo(np.int64).max) is not None for stream in streams):
+        raise _source_changed()  # results of rows the second scan did not reach
+
+
+def _source_changed() -> RuntimeError:
+    return RuntimeError(
+        "the source table changed while load was reading it (its two scans saw different rows); "
+        "run load again"
+    )
 
 
 def _spill_batch_rows(table: pa.Table) -> int:
