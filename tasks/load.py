@@ -186,19 +186,24 @@ class _Spill:
         self.schema = schema
         self.writers: dict[int, ipc.RecordBatchStreamWriter] = {}
 
-    def add(self, table: pa.Table, bucket: np.ndarray, batch_rows: int | None = None) -> None:
-        if table.schema != self.schema:
-            table = table.cast(self.schema)
+    def add(self, table: pa.Table, bucket: np.ndarray) -> None:
+        """Each row to the file of its bucket."""
         order = np.argsort(bucket, kind="stable")
         ordered = table.take(pa.array(order))
         counts = np.bincount(bucket, minlength=len(self.paths))
         start = 0
         for b in np.flatnonzero(counts).tolist():
-            writer = self.writers.get(b)
-            if writer is None:
-                writer = self.writers[b] = ipc.new_stream(str(self.paths[b]), self.schema)
-            writer.write_table(ordered.slice(start, int(counts[b])), max_chunksize=batch_rows)
+            self.write(b, ordered.slice(start, int(counts[b])))
             start += int(counts[b])
+
+    def write(self, b: int, table: pa.Table, batch_rows: int | None = None) -> None:
+        """Rows of bucket `b`, in batches of at most `batch_rows`."""
+        if table.schema != self.schema:
+            table = table.cast(self.schema)
+        writer = self.writers.get(b)
+        if writer is None:
+            writer = self.writers[b] = ipc.new_stream(str(self.paths[b]), self.schema)
+        writer.write_table(table, max_chunksize=batch_rows)
 
     def close(self) -> None:
         for writer in self.writers.values():
@@ -386,7 +391,7 @@ def _join_by_bucket(
             if len(at):
                 taken = bucket.results.take(pa.array(at))
                 taken = taken.append_column(_POS, rows.column(_POS).filter(pa.array(found)))
-                joined.add(taken, np.full(len(at), b), _spill_batch_rows(taken))
+                joined.write(b, taken, _spill_batch_rows(taken))
         for spill in spills.values():  # done with: the joined results take their disk space
             spill.paths[b].unlink(missing_ok=True)
     joined.close()

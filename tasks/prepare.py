@@ -381,6 +381,7 @@ class ShardWriter:
             schema = IDS_WITH_KEYS_SCHEMA
         table = pa.table(columns, schema=schema)
         self.store.write_table(self.layout.ids_file(self.attempt, self.index), table)
+        self.id_chunks, self.key_chunks = [], []  # a closed shard keeps only its counts and digest
 
     def shard(self) -> Shard:
         return Shard(
