@@ -16,7 +16,9 @@ tests a whole record batch of keys against it with one vectorised search — no 
 from __future__ import annotations
 
 import hashlib
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -32,6 +34,7 @@ from tasks.layout import join_uri
 from tasks.storage import ObjectStore
 
 PARSE_RULES_VERSION = "1"
+SEGMENT_READERS = 8  # cache segments read at once
 KEY_BYTES = 16
 
 
@@ -215,6 +218,18 @@ class ResultCache:
     def segments(self) -> list[str]:
         return self.store.list_files(self.dir, suffix=".parquet")
 
+    def _read(self, uris: list[str], columns: list[str] | None) -> Iterator[pa.Table]:
+        """The segments' `columns`, in order, read SEGMENT_READERS at a time: a namespace gains a
+        segment or two a night, and on S3 each read is a few round trips."""
+        with ThreadPoolExecutor(SEGMENT_READERS, thread_name_prefix="nightbatch-cache") as pool:
+            pending: deque[Future[pa.Table]] = deque()
+            for uri in uris:
+                pending.append(pool.submit(self.store.read_table, uri, columns))
+                if len(pending) >= 2 * SEGMENT_READERS:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
     def _live(self, table: pa.Table, max_age_days: float | None, now: datetime) -> pa.Table:
         if max_age_days is None:
             return table
@@ -223,10 +238,8 @@ class ResultCache:
 
     def index(self, max_age_days: float | None, now: datetime) -> CacheIndex:
         parts = []
-        for uri in self.segments():
-            table = self._live(
-                self.store.read_table(uri, columns=["cache_key", "created_at"]), max_age_days, now
-            )
+        for table in self._read(self.segments(), ["cache_key", "created_at"]):
+            table = self._live(table, max_age_days, now)
             if table.num_rows:
                 parts.append(_as_u64(table.column("cache_key")))
         if not parts:
@@ -272,9 +285,10 @@ class ResultCache:
         segment = plan.column("segment").to_numpy()
         bounds = np.flatnonzero(np.diff(segment)) + 1
         names = None if columns is None else ["cache_key", "created_at", *columns]
-        for start, stop in zip([0, *bounds], [*bounds, len(segment)], strict=True):
+        starts = [0, *bounds]
+        tables = self._read([uris[segment[start]] for start in starts], names)
+        for start, stop, entries in zip(starts, [*bounds, len(segment)], tables, strict=True):
             part = plan.slice(start, stop - start)
-            entries = self.store.read_table(uris[segment[start]], columns=names)
             entries = entries.take(part.column("row")).drop_columns(["cache_key"])
             yield entries.append_column("custom_id", part.column("custom_id")).append_column(
                 "cache_key", part.column("cache_key")
@@ -289,8 +303,8 @@ class ResultCache:
             pa.table({"cache_key": pa.array([], pa.binary(KEY_BYTES)), "created_at": pa.array([], pa.string()),
                       "row": pa.array([], pa.int64()), "segment": pa.array([], pa.int64())})
         ]  # fmt: skip
-        for number, uri in enumerate(uris if len(wanted) else []):
-            table = self.store.read_table(uri, columns=["cache_key", "created_at"])
+        tables = self._read(uris if len(wanted) else [], ["cache_key", "created_at"])
+        for number, table in enumerate(tables):
             table = table.append_column("row", pa.array(np.arange(table.num_rows)))
             table = self._live(table, max_age_days, now)
             probe = _as_u64(table.column("cache_key"))
@@ -309,9 +323,9 @@ class ResultCache:
         """Delete segments whose entries are all older than the cutoff; returns how many."""
         cutoff = (now - timedelta(days=older_than_days)).isoformat()
         removed = 0
-        for uri in self.segments():
-            created = self.store.read_table(uri, columns=["created_at"]).column(0)
-            if pc.max(created).as_py() < cutoff:
+        uris = self.segments()
+        for uri, table in zip(uris, self._read(uris, ["created_at"]), strict=True):
+            if pc.max(table.column(0)).as_py() < cutoff:
                 self.store.remove(uri)
                 removed += 1
         return removed

@@ -240,3 +240,27 @@ def test_served_entries_are_the_newest_of_each_key_a_segment_at_a_time(tmp_path:
     assert list(cache.served_entries(hits.slice(3), None, NOW)) == []  # only the prefix twin
     assert list(cache.served_entries(hits.slice(0, 0), None, NOW)) == []
     assert list(cache.served_entries(hits, 0.5, NOW)) == []  # every entry is older
+
+
+def test_the_cache_on_s3_reads_its_segments_in_order(s3_env: str) -> None:
+    """Index, served entries and prune over a moto S3 server, with more segments than are read at
+    once (the reads overlap; their results keep the segments' order)."""
+    spec = job().model_copy(update={"storage_root": f"s3://{s3_env}/root"})
+    cache = ResultCache(ObjectStore(), spec.storage_root, spec)
+    schema = results_schema(spec.request)
+    keys = [cache_key("/v1/chat/completions", str(i).encode()) for i in range(20)]
+    for i, key in enumerate(keys):  # one entry a segment; the even ones 10 days old
+        when = (NOW - timedelta(days=10 if i % 2 == 0 else 0)).isoformat()
+        row = {"custom_id": f"r-{i}", "attempt": 1, "response_text": f"answer {i}"}
+        cache.write_segment(
+            f"s{i:02d}", [key], pa.Table.from_pylist([row], schema=schema), "r", when
+        )
+    assert len(cache.segments()) == 20 > 2 * 8
+    assert len(cache.index(None, NOW)) == 20 and len(cache.index(5, NOW)) == 10
+    hits = pa.table({"custom_id": [f"h{i}" for i in range(20)], "cache_key": key_array(keys)})
+    served = [r for t in cache.served_entries(hits, None, NOW) for r in t.to_pylist()]
+    assert [(r["custom_id"], r["response_text"]) for r in served] == [
+        (f"h{i}", f"answer {i}") for i in range(20)
+    ]
+    assert cache.prune(older_than_days=5, now=NOW) == 10
+    assert len(cache.segments()) == 10
