@@ -11,7 +11,9 @@ schema and parse version (all entries of a namespace share one Arrow schema):
     {root}/cache/{namespace}/segment-{run_id}-{shard_id}.parquet   # cache_key, created_at, run_id, result columns
 
 Lookups are batched: prepare loads the keys of the namespace once (16 bytes each) into a sorted array and
-tests a whole record batch of keys against it with one vectorised search — no per-row round trips."""
+tests a whole record batch of keys against it with one vectorised search — no per-row round trips. The
+keys it computes go to the shards' id sidecars, so collect files the results under them without reading
+the request files again. load reads the entries of its hits a segment at a time (`served_entries`)."""
 
 from __future__ import annotations
 
