@@ -416,7 +416,7 @@ def test_chunk_parsing_of_embeddings_and_fallbacks() -> None:
 # ---- load: the bucketed join writes what the in-memory join writes -------------------------------
 
 
-def _collected_run(tmp_path: Path) -> tuple[Any, ObjectStore]:
+def _collected_run(tmp_path: Path, embeddings: bool = False) -> tuple[Any, ObjectStore]:
     """A prepared run (3,000 rows, 4 shards) with made-up outcomes: most rows succeed in attempt 1,
     some fail for good, some are retried and succeed in attempt 2, some never come back; then 200
     rows are added to the source (not in the run)."""
@@ -438,7 +438,15 @@ def _collected_run(tmp_path: Path) -> tuple[Any, ObjectStore]:
         {
             "name": "load",
             "source": {"uri": str(source), "id_column": "id", "columns": ["id", "n"]},
-            "request": {"model": "gpt-4o-mini", "template": "{text}"},
+            "request": (
+                {
+                    "endpoint": "/v1/embeddings",
+                    "model": "text-embedding-3-small",
+                    "template": "{text}",
+                }
+                if embeddings
+                else {"model": "gpt-4o-mini", "template": "{text}"}
+            ),
             "output_uri": str(tmp_path / "out"),
             "storage_root": str(tmp_path / "state"),
             "limits": {"max_lines_per_shard": 800},
@@ -477,7 +485,12 @@ def _outcome_shard(
     results = {
         "custom_id": ok, "attempt": [attempt] * n, "batch_id": [f"b{attempt}"] * n,
         "model": ["gpt-4o-mini"] * n, "finish_reason": ["stop"] * n,
-        "response_text": [f"answer {c}" for c in ok], "input_tokens": [5] * n,
+        **(
+            {"embedding": [[float(len(c)), 0.5] * 200 for c in ok]}  # 1.6 KB a row
+            if "embedding" in schema.names
+            else {"response_text": [f"answer {c}" for c in ok]}
+        ),
+        "input_tokens": [5] * n,
         "cached_tokens": [0] * n, "cache_write_tokens": [0] * n, "output_tokens": [2] * n,
         "reasoning_tokens": [0] * n,
     }  # fmt: skip
@@ -499,12 +512,13 @@ def _outcome_shard(
     )
 
 
+@pytest.mark.parametrize("embeddings", [False, True], ids=["chat", "embeddings"])
 def test_bucketed_load_writes_what_the_in_memory_load_writes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, embeddings: bool
 ) -> None:
     import tasks.load as load
 
-    manifest, store = _collected_run(tmp_path)
+    manifest, store = _collected_run(tmp_path, embeddings)
     whole = load.write_output(manifest, store)
     out = pq.read_table(whole.output_uri)
     dead = pq.read_table(whole.dead_letter_uri)
