@@ -196,13 +196,18 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
     root = _root_of(args.target)
     store = build_store(Settings.from_env())
-    if args.prune_older_than is not None:
+    if args.prune_older_than is not None or args.compact:
         if not args.target.endswith((".yaml", ".yml")):
-            print("--prune-older-than needs a job spec (its cache namespace)", file=sys.stderr)
+            print("--prune-older-than and --compact need a job spec (its cache namespace)",
+                  file=sys.stderr)  # fmt: skip
             return 2
-        job = JobSpec.from_yaml(args.target)
-        removed = ResultCache(store, root, job).prune(args.prune_older_than, datetime.now(UTC))
-        print(f"pruned {removed} segment(s) older than {args.prune_older_than} days")
+        cache = ResultCache(store, root, JobSpec.from_yaml(args.target))
+        if args.prune_older_than is not None:
+            removed = cache.prune(args.prune_older_than, datetime.now(UTC))
+            print(f"pruned {removed} segment(s) older than {args.prune_older_than} days")
+        if args.compact:
+            before, after = cache.compact(datetime.now(UTC))
+            print(f"compacted {before} segment(s) into {after}")
     report = cache_report(store, root)
     if not report:
         print(f"the cache under {root}/cache is empty")
@@ -267,13 +272,20 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--run-date")
     costs = sub.add_parser("costs", help="cost totals by job, day and tag, with savings")
     costs.add_argument("target", help="a job spec YAML or a storage root")
-    cache = sub.add_parser("cache", help="result cache size and hit rates; prune old entries")
+    cache = sub.add_parser(
+        "cache", help="result cache size and hit rates; prune old entries, compact segments"
+    )
     cache.add_argument("target", help="a job spec YAML or a storage root")
     cache.add_argument(
         "--prune-older-than",
         type=float,
         metavar="DAYS",
         help="delete entries older than DAYS (needs a job spec)",
+    )
+    cache.add_argument(
+        "--compact",
+        action="store_true",
+        help="merge the job's cache segments into a few large ones (needs a job spec)",
     )
     demo = sub.add_parser(
         "demo", help="generate sample data and run the sample jobs on the emulator"

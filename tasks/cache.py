@@ -17,7 +17,9 @@ the request files again. load reads the entries of its hits a segment at a time 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import uuid
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,6 +31,7 @@ import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from schemas.job import JobSpec
 from schemas.tables import USAGE_FIELDS, results_schema
@@ -37,6 +40,8 @@ from tasks.storage import ObjectStore
 
 PARSE_RULES_VERSION = "1"
 SEGMENT_READERS = 8  # cache segments read at once
+SEGMENT_ATTEMPTS = 3  # reads of the segments, when one is removed (pruned, compacted) meanwhile
+COMPACT_SEGMENT_ROWS = 50_000  # about a shard's worth: a merged segment's size
 KEY_BYTES = 16
 
 
@@ -239,6 +244,15 @@ class ResultCache:
         return table.filter(pc.greater_equal(table.column("created_at"), cutoff))
 
     def index(self, max_age_days: float | None, now: datetime) -> CacheIndex:
+        for attempt in range(SEGMENT_ATTEMPTS):
+            try:
+                return self._index(max_age_days, now)
+            except FileNotFoundError:  # a segment pruned or compacted meanwhile: list them again
+                if attempt == SEGMENT_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _index(self, max_age_days: float | None, now: datetime) -> CacheIndex:
         parts = []
         for table in self._read(self.segments(), ["cache_key", "created_at"]):
             table = self._live(table, max_age_days, now)
@@ -277,10 +291,35 @@ class ResultCache:
         16-byte match), with its `columns` (default all) and the hit's custom_id, one segment at a
         time. A hit without a live entry is left out. Two passes, neither holding more than one
         segment's entries: which segment row wins for each key (key and time columns only), then
-        the winning rows of each segment."""
+        the winning rows of each segment. A segment pruned or compacted meanwhile: the hits not
+        served yet are looked up again."""
+        left = hits.select(["custom_id", "cache_key"])
+        for attempt in range(SEGMENT_ATTEMPTS):
+            served: list[pa.Array] = []
+            try:
+                for table in self._served_entries(left, max_age_days, now, columns):
+                    served += table.column("custom_id").chunks
+                    yield table
+                return
+            except FileNotFoundError:
+                if attempt == SEGMENT_ATTEMPTS - 1:
+                    raise
+                if served:
+                    done = pa.concat_arrays(served)
+                    left = left.filter(
+                        pc.invert(pc.is_in(left.column("custom_id"), value_set=done))
+                    )
+
+    def _served_entries(
+        self,
+        hits: pa.Table,
+        max_age_days: float | None,
+        now: datetime,
+        columns: list[str] | None,
+    ) -> Iterator[pa.Table]:
         uris = self.segments()
         winners = self._newest_rows(uris, hits.column("cache_key"), max_age_days, now)
-        plan = hits.select(["custom_id", "cache_key"]).join(winners, "cache_key", join_type="inner")
+        plan = hits.join(winners, "cache_key", join_type="inner")
         plan = plan.sort_by([("segment", "ascending"), ("row", "ascending")])
         if not plan.num_rows:
             return
@@ -320,6 +359,38 @@ class ResultCache:
         first = np.ones(len(key_words), bool)
         first[1:] = (key_words[1:] != key_words[:-1]).any(axis=1)  # the newest entry of each key
         return merged.filter(pa.array(first)).select(["cache_key", "segment", "row"])
+
+    def compact(self, now: datetime, max_rows: int = COMPACT_SEGMENT_ROWS) -> tuple[int, int]:
+        """Merge the namespace's small segments (fewer than `max_rows` entries: a night that sent few
+        rows adds a small one) into segments of about `max_rows` entries, one segment read at a time;
+        returns (segments before, segments after). Merged segments are committed before the small
+        ones are removed, so a reader sees every entry at any moment (some twice, which the
+        newest-entry rule reads once). Segments stay about a shard's size, which bounds what load
+        reads at once."""
+        uris = self.segments()
+        small = [uri for uri in uris if self.store.row_count(uri) < max_rows]
+        if len(small) < 2:
+            return len(uris), len(uris)
+        stamp = f"{now.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"  # never an input's name
+        written: list[str] = []
+        with contextlib.ExitStack() as stack:
+            writer: pq.ParquetWriter | None = None
+            rows = 0
+            for table in self._read(small, None):
+                if writer is None or rows >= max_rows:
+                    stack.close()  # commits the merged segment before it, if any
+                    written.append(
+                        join_uri(self.dir, f"segment-compacted-{stamp}-{len(written):04d}.parquet")
+                    )
+                    handle = stack.enter_context(self.store.open_atomic(written[-1]))
+                    writer = pq.ParquetWriter(handle, self.schema, compression="zstd")
+                    stack.callback(writer.close)
+                    rows = 0
+                writer.write_table(table.select(self.schema.names).cast(self.schema))
+                rows += table.num_rows
+        for uri in set(small) - set(written):
+            self.store.remove(uri)
+        return len(uris), len(uris) - len(small) + len(written)
 
     def prune(self, older_than_days: float, now: datetime) -> int:
         """Delete segments whose entries are all older than the cutoff; returns how many."""

@@ -106,6 +106,12 @@ class ObjectStore:
         with self.open_atomic(uri) as handle:
             pq.write_table(table, handle, compression="zstd")
 
+    def row_count(self, uri: str) -> int:
+        """Rows of a Parquet file, from its footer."""
+        fs, path = self.fs(uri)
+        with fs.open(path, "rb") as handle:
+            return int(pq.ParquetFile(handle).metadata.num_rows)
+
     def read_table(self, uri: str, columns: list[str] | None = None) -> pa.Table:
         fs, path = self.fs(uri)
         return pq.read_table(path, filesystem=fs, columns=columns)

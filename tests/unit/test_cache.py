@@ -264,3 +264,106 @@ def test_the_cache_on_s3_reads_its_segments_in_order(s3_env: str) -> None:
     ]
     assert cache.prune(older_than_days=5, now=NOW) == 10
     assert len(cache.segments()) == 10
+
+
+def test_compaction_merges_segments_and_serves_the_same_entries(tmp_path: Path) -> None:
+    """Five segments of two entries (one key twice, the newer entry in a later segment) become three
+    of about three entries; the index and what is served do not change; the old segments go; a
+    segment already large is left as it is."""
+    spec = job()
+    cache = ResultCache(ObjectStore(), str(tmp_path), spec)
+    schema = results_schema(spec.request)
+    keys = [cache_key("/v1/chat/completions", str(i).encode()) for i in range(9)] + [b"k" * 16]
+    for s in range(5):
+        pair = [keys[2 * s], keys[2 * s + 1]] if s < 4 else [keys[0], keys[9]]  # keys[0] again
+        rows = [{"custom_id": "r", "attempt": 1, "response_text": f"s{s} e{e}"} for e in range(2)]
+        when = (NOW - timedelta(days=5 - s)).isoformat()
+        cache.write_segment(f"s{s}", pair, pa.Table.from_pylist(rows, schema=schema), "r", when)
+    hits = pa.table({"custom_id": [f"h{i}" for i in range(10)], "cache_key": key_array(keys)})
+
+    def served() -> dict[str, str]:
+        tables = cache.served_entries(hits, None, NOW)
+        return {r["custom_id"]: r["response_text"] for t in tables for r in t.to_pylist()}
+
+    before_index, before = cache.index(None, NOW).sorted_keys, served()
+    assert before["h0"] == "s4 e0"  # the newer entry of keys[0]
+    old = cache.segments()
+    assert cache.compact(NOW, max_rows=3) == (5, 3)
+    assert not set(old) & set(cache.segments()) and len(cache.segments()) == 3
+    assert (cache.index(None, NOW).sorted_keys == before_index).all() and served() == before
+    assert cache.compact(NOW, max_rows=3) == (3, 3)  # segments of 4, 4 and 2: one small one
+    assert cache.compact(NOW) == (3, 1) and served() == before
+
+
+def test_the_cache_command_compacts_a_jobs_segments(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flows.cli import main
+
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(
+        "name: j\nsource: {uri: s.parquet, id_column: id}\n"
+        "request: {model: gpt-4o-mini, template: 'Say {t}', params: {max_tokens: 5}}\n"
+        "output_uri: out\nstorage_root: state\n"
+    )
+    spec = JobSpec.from_yaml(spec_file)
+    cache = ResultCache(ObjectStore(), spec.storage_root, spec)
+    row = {"custom_id": "r", "attempt": 1, "response_text": "x"}
+    for s in range(4):
+        key = cache_key("/v1/chat/completions", str(s).encode())
+        table = pa.Table.from_pylist([row], schema=results_schema(spec.request))
+        cache.write_segment(f"s{s}", [key], table, "r", NOW.isoformat())
+    assert main(["cache", str(spec_file), "--compact"]) == 0
+    out = capsys.readouterr().out
+    assert "compacted 4 segment(s) into 1" in out and "4 entries in 1 segments" in out
+    assert len(cache.segments()) == 1
+
+
+def _one_entry_segments(cache: ResultCache, count: int) -> list[bytes]:
+    schema = results_schema(cache.job.request)
+    keys = [cache_key("/v1/chat/completions", str(i).encode()) for i in range(count)]
+    for i, key in enumerate(keys):
+        row = {"custom_id": f"r-{i}", "attempt": 1, "response_text": f"answer {i}"}
+        table = pa.Table.from_pylist([row], schema=schema)
+        cache.write_segment(f"s{i}", [key], table, "r", NOW.isoformat())
+    return keys
+
+
+def test_served_entries_survive_a_compaction_between_their_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """load reads the winning rows segment by segment; a compaction that removes the segments it
+    has not read yet makes it look the rest up again, and every hit is served once."""
+    import tasks.cache
+
+    monkeypatch.setattr(tasks.cache, "SEGMENT_READERS", 1)  # one segment read ahead
+    cache = ResultCache(ObjectStore(), str(tmp_path), job())
+    keys = _one_entry_segments(cache, 6)
+    hits = pa.table({"custom_id": [f"h{i}" for i in range(6)], "cache_key": key_array(keys)})
+    tables = cache.served_entries(hits, None, NOW)
+    first = next(tables)
+    assert cache.compact(NOW) == (6, 1)
+    served = [r for t in [first, *tables] for r in t.to_pylist()]
+    assert sorted((r["custom_id"], r["response_text"]) for r in served) == [
+        (f"h{i}", f"answer {i}") for i in range(6)
+    ]
+
+
+def test_the_index_survives_a_segment_pruned_while_it_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = ObjectStore()
+    cache = ResultCache(store, str(tmp_path), job())
+    keys = _one_entry_segments(cache, 4)
+    read_table = store.read_table
+    pruned: list[str] = []
+
+    def read_while_pruning(uri: str, columns: list[str] | None = None) -> pa.Table:
+        if not pruned:  # the first read: another process removes the last segment meanwhile
+            pruned.append(cache.segments()[-1])
+            store.remove(pruned[0])
+        return read_table(uri, columns)
+
+    monkeypatch.setattr(store, "read_table", read_while_pruning)
+    index = cache.index(None, NOW)
+    assert len(index) == 3 and index.contains(keys).tolist() == [True, True, True, False]
