@@ -50,16 +50,19 @@ from tasks.storage import ObjectStore
 TASK_RUNNER: Any = ThreadPoolTaskRunner(max_workers=4)
 
 
+def _job_name() -> str | None:
+    """The job's name, from the flow run's `job` parameter (a spec, its dict or its file)."""
+    job = flow_run.parameters.get("job")
+    job_name = getattr(job, "name", None) or (job.get("name") if isinstance(job, dict) else None)
+    if job_name is None and isinstance(job, str):
+        job_name = job.rsplit("/", 1)[-1].removesuffix(".yaml")
+    return job_name
+
+
 def _run_name(stage: str) -> Any:
     def name() -> str:
-        params = flow_run.parameters
-        job = params.get("job")
-        job_name = getattr(job, "name", None) or (
-            job.get("name") if isinstance(job, dict) else None
-        )
-        if job_name is None and isinstance(job, str):
-            job_name = job.rsplit("/", 1)[-1].removesuffix(".yaml")
-        return f"{stage}-{job_name}-{resolve_run_date(params.get('run_date'))}"
+        run_date = resolve_run_date(flow_run.parameters.get("run_date"))
+        return f"{stage}-{_job_name()}-{run_date}"
 
     return name
 
@@ -344,6 +347,23 @@ def retry_failures(job: JobSpec | str, run_date: str | None = None) -> dict[str,
 
 
 # ---- operator actions ----------------------------------------------------------------------------
+
+
+@flow(name="cache-maintenance", flow_run_name=lambda: f"cache-maintenance-{_job_name()}")
+def cache_maintenance(
+    job: JobSpec | str, prune_older_than_days: float | None = None
+) -> dict[str, Any]:
+    """Upkeep of a job's result cache: delete segments older than `prune_older_than_days` (if set),
+    then merge its small segments (`ResultCache.compact`). Safe while the job's runs go on."""
+    spec = resolve_job(job)
+    cache = ResultCache(build_store(Settings.from_env()), spec.storage_root, spec)
+    now = datetime.now(UTC)
+    pruned = 0 if prune_older_than_days is None else cache.prune(prune_older_than_days, now)
+    before, after = cache.compact(now)
+    get_run_logger().info(
+        "cache of %s: %d segment(s) pruned, %d compacted into %d", spec.name, pruned, before, after
+    )
+    return {"pruned": pruned, "segments_before": before, "segments_after": after}
 
 
 @flow(name="abandon", flow_run_name=_run_name("abandon"))

@@ -118,3 +118,32 @@ def test_costs_by_job_day_and_tag_and_estimates_learn_from_past_runs(
     )
     assert "by job:" in out and "by run_date:" in out and "feature=triage" in out
     assert f"{round(total, 6):.6f}" in out and "50.0" in out
+
+
+def test_cache_maintenance_prunes_old_segments_and_merges_the_rest(
+    job_file: tuple[Any, Path],
+) -> None:
+    """The weekly flow, on a real Prefect API: segments past the cutoff are deleted, the small ones
+    left are merged into one, and the merged entries are still served."""
+    from datetime import UTC, datetime, timedelta
+
+    import pyarrow as pa
+
+    from flows.stages import cache_maintenance
+    from schemas.tables import results_schema
+    from tasks.cache import ResultCache, cache_key, key_array
+
+    job, path = job_file
+    cache = ResultCache(ObjectStore(), job.storage_root, job)
+    now = datetime.now(UTC)
+    keys = [cache_key(job.request.endpoint, str(i).encode()) for i in range(6)]
+    for i, key in enumerate(keys):  # two segments 100 days old, four recent ones
+        row = {"custom_id": f"r-{i}", "attempt": 1}
+        table = pa.Table.from_pylist([row], schema=results_schema(job.request))
+        when = (now - timedelta(days=100 if i < 2 else 1)).isoformat()
+        cache.write_segment(f"s{i}", [key], table, f"run-{i}", when)
+    result = cache_maintenance(job=str(path), prune_older_than_days=90)
+    assert result == {"pruned": 2, "segments_before": 4, "segments_after": 1}
+    hits = pa.table({"custom_id": [f"h{i}" for i in range(6)], "cache_key": key_array(keys)})
+    served = [r for t in cache.served_entries(hits, None, now) for r in t.to_pylist()]
+    assert sorted(r["run_id"] for r in served) == [f"run-{i}" for i in range(2, 6)]
