@@ -23,7 +23,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -168,7 +168,7 @@ class CacheIndex:
 
 class HitRecorder:
     """Splits rendered batches into cache hits (recorded to a Parquet file of custom_id + key, for
-    load to splice in) and misses (to be sent). Thread-safe: render threads call `split`."""
+    load to splice in) and misses (to be sent). Thread-safe: render threads call `misses`."""
 
     def __init__(self, index: CacheIndex, handle: Any) -> None:
         import threading
@@ -183,15 +183,14 @@ class HitRecorder:
         self.lock = threading.Lock()
         self.hits = 0
 
-    def split(self, rendered: Any) -> np.ndarray | None:
-        """Record the rows of `rendered` whose request is cached; returns which rows are misses
-        (to be sent), or None when every row is."""
-        if not len(self.index) or not len(rendered):
-            return None
-        keys = rendered.keys if rendered.keys is not None else key_array(keys_of_rendered(rendered))
+    def misses(self, rendered: Any) -> Any:
+        """The rows of a rendered batch to send, with their cache keys (which go on to the shards'
+        sidecars, for collect); the rows whose request is cached are recorded as hits instead."""
+        keys = key_array(keys_of_rendered(rendered))
+        rendered = replace(rendered, keys=keys)
         hit = self.index.contains(keys)
         if not hit.any():
-            return None
+            return rendered
         hits = pa.array(hit)
         table = pa.table(
             {"custom_id": rendered.custom_ids.filter(hits), "cache_key": keys.filter(hits)},
@@ -200,7 +199,7 @@ class HitRecorder:
         with self.lock:
             self.writer.write_table(table)
             self.hits += table.num_rows
-        return ~hit
+        return rendered.select(~hit)
 
     def close(self) -> None:
         self.writer.close()

@@ -19,7 +19,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from queue import Empty, Full, Queue
 from typing import IO, Any
 
@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from schemas.job import JobSpec
 from schemas.manifest import Shard
 from schemas.tables import IDS_SCHEMA, IDS_WITH_KEYS_SCHEMA, LINEAGE_FIELDS, output_fields
-from tasks.cache import CacheIndex, HitRecorder, key_array, keys_of_rendered
+from tasks.cache import CacheIndex, HitRecorder, key_array
 from tasks.errors import BadInputError
 from tasks.layout import RunLayout
 from tasks.render import RenderedBatch, RequestRenderer, concat_rendered, custom_id_for
@@ -686,10 +686,8 @@ def write_shards(
         every_id = rendered.custom_ids
         if hits is None:
             return rendered, tokens.submit(rendered), every_id
-        # the keys of the lookup also go to the sidecars, so collect need not read the shards again
-        rendered = replace(rendered, keys=key_array(keys_of_rendered(rendered)))
-        sent = hits.split(rendered)  # rows whose exact request succeeded before are not sent
-        return rendered if sent is None else rendered.select(sent), None, every_id
+        # rows whose exact request succeeded before are not sent
+        return hits.misses(rendered), None, every_id
 
     def pack_oldest() -> None:
         rendered, counted, every_id = in_flight.popleft().result()
