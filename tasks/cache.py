@@ -428,36 +428,31 @@ class CacheWrite:
 def cache_shard_results(
     cache: ResultCache,
     store: ObjectStore,
-    shard_files: tuple[str, str],
     results_uri: str,
+    sidecar: pa.Table,
+    request_uri: str,
     name: str,
     run_id: str,
     now: str,
 ) -> int:
     """Add a collected shard's succeeded results to the cache (failures are never cached). The keys
-    come from the shard's id sidecar (`shard_files`: request file, id sidecar) when prepare recorded
-    them there, else from its request file, read again."""
+    come from the shard's id sidecar when prepare recorded them there, else from its request file,
+    read again."""
     results = store.read_table(results_uri)
     if results.num_rows == 0:
         return 0
-    keys = _sidecar_keys(store, shard_files[1], results.column("custom_id"))
-    if keys is None:
-        custom_ids = [str(c) for c in results.column("custom_id").to_pylist()]
-        by_id = keys_of_request_file(store, shard_files[0], set(custom_ids))
-        keys = key_array([by_id[c] for c in custom_ids])
+    custom_ids = results.column("custom_id")
+    if "cache_key" in sidecar.column_names:
+        where = pc.index_in(custom_ids, value_set=sidecar.column("custom_id"))
+        if where.null_count:
+            raise ValueError(f"the id sidecar of {request_uri} lacks the key of a collected result")
+        keys = sidecar.column("cache_key").take(where).combine_chunks()
+    else:
+        ids = [str(c) for c in custom_ids.to_pylist()]
+        by_id = keys_of_request_file(store, request_uri, set(ids))
+        keys = key_array([by_id[c] for c in ids])
     cache.write_segment(name, keys, results, run_id, now)
     return results.num_rows
-
-
-def _sidecar_keys(store: ObjectStore, ids_uri: str, custom_ids: pa.ChunkedArray) -> pa.Array | None:
-    """The cache key of each of these custom_ids, from a sidecar with keys (None without)."""
-    sidecar = store.read_table(ids_uri)
-    if "cache_key" not in sidecar.column_names:
-        return None
-    where = pc.index_in(custom_ids, value_set=sidecar.column("custom_id"))
-    if where.null_count:
-        raise ValueError(f"{ids_uri} lacks the key of a collected result")
-    return sidecar.column("cache_key").take(where).combine_chunks()
 
 
 def cache_report(store: ObjectStore, root: str) -> list[dict[str, Any]]:

@@ -143,11 +143,6 @@ class _Expected:
         return [self.ids[i] for i in np.flatnonzero(~self.seen)]
 
 
-def shard_custom_ids(store: ObjectStore, layout: RunLayout, shard: Shard) -> list[str]:
-    table = store.read_table(layout.ids_file(shard.attempt, shard.index), columns=["custom_id"])
-    return [str(v) for v in table.column("custom_id").to_pylist()]
-
-
 def batch_failure(shard: Shard) -> tuple[str, str, bool]:
     """Code, message and retryability of a batch that failed validation."""
     errors = shard.batch_errors or [{"code": "batch_failed", "message": "batch failed"}]
@@ -172,7 +167,8 @@ def collect_shard(
     the job's cache on, its succeeded results are added to the cache as one segment named after the
     run and shard (rewritten, not added twice, when a shard is collected again)."""
     assert shard.batch_id is not None
-    expected = shard_custom_ids(store, layout, shard)
+    sidecar = store.read_table(layout.ids_file(shard.attempt, shard.index))  # ids (and cache keys)
+    expected = [str(v) for v in sidecar.column("custom_id").to_pylist()]
     parser = LineParser(job.request, shard.attempt, shard.batch_id)
     results_uri = layout.results_file(shard.attempt, shard.index)
     errors_uri = layout.errors_file(shard.attempt, shard.index)
@@ -210,9 +206,9 @@ def collect_shard(
     counts.failed = errors.count
     if cache_write is not None and job.cache.enabled:
         cache_shard_results(
-            ResultCache(store, job.storage_root, job), store,
-            (shard.request_uri, layout.ids_file(shard.attempt, shard.index)), results_uri,
-            f"{cache_write.run_id}-{shard.shard_id}", cache_write.run_id, cache_write.created_at,
+            ResultCache(store, job.storage_root, job), store, results_uri, sidecar,
+            shard.request_uri, f"{cache_write.run_id}-{shard.shard_id}", cache_write.run_id,
+            cache_write.created_at,
         )  # fmt: skip
     return results_uri, errors_uri, counts
 

@@ -202,7 +202,9 @@ def test_collected_results_are_cached_under_their_request_keys(
     expected = [key_of(job(), "c"), key_of(job(), "a")]
     if with_keys:
         Path(files[0]).unlink()
-    assert cache_shard_results(cache, ObjectStore(), files, results_uri, "s", "run-1", "t") == 2
+    sidecar = pq.read_table(files[1])
+    store = ObjectStore()
+    assert cache_shard_results(cache, store, results_uri, sidecar, files[0], "s", "run-1", "t") == 2
     (segment,) = cache.segments()
     table = pq.read_table(segment)
     assert table.column("cache_key").to_pylist() == expected
