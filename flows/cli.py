@@ -204,7 +204,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
         cache = ResultCache(store, root, JobSpec.from_yaml(args.target))
         if args.prune_older_than is not None:
             removed = cache.prune(args.prune_older_than, datetime.now(UTC))
-            print(f"pruned {removed} segment(s) older than {args.prune_older_than} days")
+            print(
+                f"removed entries older than {args.prune_older_than} days from {removed} segment(s)"
+            )
         if args.compact:
             before, after = cache.compact(datetime.now(UTC))
             print(f"compacted {before} segment(s) into {after}")

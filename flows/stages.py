@@ -361,7 +361,11 @@ def cache_maintenance(
     pruned = 0 if prune_older_than_days is None else cache.prune(prune_older_than_days, now)
     before, after = cache.compact(now)
     get_run_logger().info(
-        "cache of %s: %d segment(s) pruned, %d compacted into %d", spec.name, pruned, before, after
+        "cache of %s: old entries removed from %d segment(s), %d segment(s) compacted into %d",
+        spec.name,
+        pruned,
+        before,
+        after,
     )
     return {"pruned": pruned, "segments_before": before, "segments_after": after}
 

@@ -370,7 +370,7 @@ class ResultCache:
         small = [uri for uri in uris if self.store.row_count(uri) < max_rows]
         if len(small) < 2:
             return len(uris), len(uris)
-        stamp = f"{now.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"  # never an input's name
+        stamp = _fresh_stamp(now)
         written: list[str] = []
         with contextlib.ExitStack() as stack:
             writer: pq.ParquetWriter | None = None
@@ -392,15 +392,31 @@ class ResultCache:
         return len(uris), len(uris) - len(small) + len(written)
 
     def prune(self, older_than_days: float, now: datetime) -> int:
-        """Delete segments whose entries are all older than the cutoff; returns how many."""
+        """Remove the entries older than the cutoff; returns how many segments held some. A segment
+        of only such entries is deleted; one that also holds younger entries (a merged segment) is
+        written again without them, under a new name (segments never change under a reader that
+        found its rows in them), and then deleted."""
         cutoff = (now - timedelta(days=older_than_days)).isoformat()
-        removed = 0
+        stamp = _fresh_stamp(now)
+        touched = 0
         uris = self.segments()
         for uri, table in zip(uris, self._read(uris, ["created_at"]), strict=True):
-            if pc.max(table.column(0)).as_py() < cutoff:
-                self.store.remove(uri)
-                removed += 1
-        return removed
+            if pc.min(table.column(0)).as_py() >= cutoff:
+                continue
+            if pc.max(table.column(0)).as_py() >= cutoff:
+                entries = self.store.read_table(uri)
+                young = entries.filter(pc.greater_equal(entries.column("created_at"), cutoff))
+                new_uri = join_uri(self.dir, f"segment-pruned-{stamp}-{touched:04d}.parquet")
+                self.store.write_table(new_uri, young.select(self.schema.names).cast(self.schema))
+            self.store.remove(uri)
+            touched += 1
+        return touched
+
+
+def _fresh_stamp(now: datetime) -> str:
+    """A part for the name of a segment written from others: the time and a random part, so that it
+    is never the name of an existing segment."""
+    return f"{now.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}"
 
 
 def keys_of_request_file(

@@ -271,7 +271,7 @@ def test_the_cache_on_s3_reads_its_segments_in_order(s3_env: str) -> None:
 def test_compaction_merges_segments_and_serves_the_same_entries(tmp_path: Path) -> None:
     """Five segments of two entries (one key twice, the newer entry in a later segment) become three
     of about three entries; the index and what is served do not change; the old segments go; a
-    segment already large is left as it is."""
+    segment already large is left as it is. Pruning a merged segment keeps its younger entries."""
     spec = job()
     cache = ResultCache(ObjectStore(), str(tmp_path), spec)
     schema = results_schema(spec.request)
@@ -295,6 +295,10 @@ def test_compaction_merges_segments_and_serves_the_same_entries(tmp_path: Path) 
     assert (cache.index(None, NOW).sorted_keys == before_index).all() and served() == before
     assert cache.compact(NOW, max_rows=3) == (3, 3)  # segments of 4, 4 and 2: one small one
     assert cache.compact(NOW) == (3, 1) and served() == before
+    # pruning the merged segment (entries 5 to 1 days old) keeps its younger entries
+    assert cache.prune(older_than_days=2.5, now=NOW) == 1
+    assert served() == {"h0": "s4 e0", "h9": "s4 e1", "h6": "s3 e0", "h7": "s3 e1"}
+    assert len(cache.segments()) == 1 and cache.prune(older_than_days=2.5, now=NOW) == 0
 
 
 def test_the_cache_command_compacts_a_jobs_segments(
