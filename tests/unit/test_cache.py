@@ -22,6 +22,7 @@ from tasks.cache import (
 )
 from tasks.render import RequestRenderer
 from tasks.storage import ObjectStore
+from tests.unit.helpers import assert_sidecar_keys_match_lines, products_job
 
 NOW = datetime(2026, 11, 24, 12, tzinfo=UTC)
 
@@ -109,26 +110,14 @@ def test_an_incremental_prepare_writes_exactly_the_missed_lines(
 ) -> None:
     """The lines of an incremental prepare are the full prepare's lines whose key is not cached,
     byte for byte and in order, with exact token counts (both rendering paths)."""
-    from benchmarks.synth import product_chunk
     from tasks.layout import RunLayout
     from tasks.prepare import write_shards
     from tasks.tokens import count_request_tokens
 
-    pq.write_table(product_chunk(0, 9000, 4, mean_chars=150.0), tmp_path / "p.parquet")
-    job = JobSpec.model_validate(
-        {
-            "name": "inc",
-            "source": {"uri": str(tmp_path / "p.parquet"), "id_column": "sku"},
-            "request": {
-                "model": "gpt-4o-mini",
-                "system_prompt": system_prompt,
-                "template": "{description}",
-            },
-            "output_uri": str(tmp_path / "out"),
-            "storage_root": str(tmp_path / "state"),
-            "limits": {"max_lines_per_shard": 2500, "token_counting": "exact"},
-        }
-    )
+    job = products_job(
+        tmp_path, 9000, system_prompt=system_prompt, template="{description}", max_lines=2500,
+        mean_chars=150.0, name="inc",
+    )  # fmt: skip
     store = ObjectStore()
     full = write_shards(job, store, RunLayout(job.storage_root, job.name, "2026-01-01"))
     lines = [
@@ -158,15 +147,6 @@ def test_an_incremental_prepare_writes_exactly_the_missed_lines(
             count_request_tokens(job.request.endpoint, orjson.loads(b)["body"]) for b in body_lines
         )
         assert shard.input_tokens == exact
-
-
-def assert_sidecar_keys_match_lines(ids_uri: str, request_uri: str) -> None:
-    """The id sidecar holds each line's custom_id and cache key, in line order."""
-    sidecar = pq.read_table(ids_uri)
-    lines = Path(request_uri).read_bytes().splitlines(keepends=True)
-    assert sidecar.column_names == ["custom_id", "cache_key"]
-    assert sidecar.column("custom_id").to_pylist() == [custom_id_of_line(x) for x in lines]
-    assert sidecar.column("cache_key").to_pylist() == [cache_key_from_line(x) for x in lines]
 
 
 def _collected_shard(tmp_path: Path, with_keys: bool) -> tuple[ResultCache, tuple[str, str], str]:

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import orjson
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from schemas.job import JobSpec
 from schemas.manifest import RunManifest, Shard
@@ -111,30 +110,18 @@ def test_overdue_batches() -> None:
 def test_retry_shards_copy_exactly_the_planned_lines_with_exact_tokens(tmp_path: Path) -> None:
     """The next attempt's shards hold the planned lines, byte for byte, in shard order, packed under
     the limits, with input_tokens equal to the exact count of their lines."""
-    from benchmarks.synth import product_chunk
     from tasks.layout import RunLayout
     from tasks.prepare import write_shards
     from tasks.retry import RetryPlan, write_retry_shards
     from tasks.runs import new_manifest
     from tasks.storage import ObjectStore
     from tasks.tokens import count_request_tokens
-    from tests.unit.test_cache import assert_sidecar_keys_match_lines
+    from tests.unit.helpers import assert_sidecar_keys_match_lines, products_job
 
-    pq.write_table(product_chunk(0, 3000, 2, mean_chars=200.0), tmp_path / "p.parquet")
-    job = JobSpec.model_validate(
-        {
-            "name": "retry",
-            "source": {"uri": str(tmp_path / "p.parquet"), "id_column": "sku"},
-            "request": {
-                "model": "gpt-4o-mini",
-                "system_prompt": "Sum up.",
-                "template": "{title}\n{description}",
-            },
-            "output_uri": str(tmp_path / "out"),
-            "storage_root": str(tmp_path / "state"),
-            "limits": {"max_lines_per_shard": 1000, "token_counting": "exact"},
-        }
-    )
+    job = products_job(
+        tmp_path, 3000, system_prompt="Sum up.", template="{title}\n{description}", max_lines=1000,
+        mean_chars=200.0, name="retry", seed=2,
+    )  # fmt: skip
     store = ObjectStore()
     layout = RunLayout(job.storage_root, job.name, "2026-01-01")
     prepared = write_shards(job, store, layout)
