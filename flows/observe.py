@@ -6,14 +6,12 @@ from __future__ import annotations
 import re
 from collections import Counter
 from typing import Any
-from uuid import UUID
 
 from prefect.artifacts import (
     create_link_artifact,
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
-    update_progress_artifact,
 )
 from prefect.events import emit_event
 
@@ -47,8 +45,15 @@ def progress_percent(manifest: RunManifest) -> float:
     return round(100.0 * done / total, 1)
 
 
-def run_markdown(manifest: RunManifest, reasons: Counter[str]) -> str:
-    states = Counter(_shard_status(s) for s in manifest.shards)
+def shard_states(manifest: RunManifest) -> dict[str, int]:
+    """How many shards are in each state, with a batch's own status while it has one."""
+    return dict(Counter(_shard_status(s) for s in manifest.shards))
+
+
+def run_markdown(
+    manifest: RunManifest, reasons: Counter[str], records: list[dict[str, Any]] | None = None
+) -> str:
+    states = shard_states(manifest)
     counts = Counter[str]()
     for shard in manifest.shards:
         counts["succeeded"] += shard.counts.succeeded
@@ -65,6 +70,19 @@ def run_markdown(manifest: RunManifest, reasons: Counter[str]) -> str:
         lines.append(
             f"- estimate: **${manifest.estimate.batch_usd:.4f}** at batch prices "
             f"(${manifest.estimate.standard_usd:.4f} standard), {manifest.estimate.input_tokens} input tokens"
+        )
+    if records:
+        cost = sum(r["cost_batch_usd"] for r in records)
+        standard = sum(r["cost_standard_usd"] for r in records)
+        saved = sum(r["savings_usd"] for r in records)
+        share = f" ({100 * saved / standard:.0f}%)" if standard else ""
+        lines.append(
+            f"- actual cost: **${cost:.4f}**, ${standard:.4f} at standard prices: "
+            f"saved **${saved:.4f}**{share}"
+        )
+    if manifest.stray_batches:
+        lines.append(
+            f"- stray batches found and counted: {', '.join(s.batch_id for s in manifest.stray_batches)}"
         )
     if manifest.status == "loaded":
         lines.append(
@@ -96,10 +114,14 @@ def _shard_status(shard: Shard) -> str:
     return shard.state
 
 
-def publish_run(manifest: RunManifest, store: ObjectStore) -> None:
-    """The run's markdown artifact (versioned under one key per job and date)."""
+def publish_run(
+    manifest: RunManifest, store: ObjectStore, records: list[dict[str, Any]] | None = None
+) -> None:
+    """The run's markdown artifact (versioned under one key per job and date), and its progress;
+    with the cost records once loaded (the actual cost and saving, not the estimate)."""
+    publish_progress(manifest)
     create_markdown_artifact(
-        markdown=run_markdown(manifest, error_reasons(manifest, store)),
+        markdown=run_markdown(manifest, error_reasons(manifest, store), records),
         key=artifact_key("run", manifest.job_name, manifest.run_date),
         description=f"nightbatch run {manifest.run_id}",
     )
@@ -184,15 +206,41 @@ def over_budget(manifest: RunManifest) -> None:
     )
 
 
-class Progress:
-    """A progress artifact for the current flow run, updated as batches finish."""
+def name_flow_run(name: str) -> None:
+    """Rename the current flow run (to name the attempt, which is known only once the manifest is
+    read); nothing outside a flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
 
-    def __init__(self, manifest: RunManifest) -> None:
-        self.id: UUID = create_progress_artifact(  # type: ignore[assignment]
-            progress=progress_percent(manifest),
-            key=artifact_key("progress", manifest.job_name),
-            description=f"share of {manifest.run_id}'s request lines finished by their batches",
-        )
+    if not flow_run.id:
+        return
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, name=name)
 
-    def update(self, manifest: RunManifest) -> None:
-        update_progress_artifact(artifact_id=self.id, progress=progress_percent(manifest))
+
+def publish_progress(manifest: RunManifest) -> None:
+    """The run's progress (share of its request lines finished by their batches), as a progress
+    artifact of the current flow run: whichever stage, poller or pipeline is working on the run."""
+    create_progress_artifact(
+        progress=progress_percent(manifest),
+        key=artifact_key("progress", manifest.job_name),
+        description=f"share of {manifest.run_id}'s request lines finished by their batches",
+    )
+
+
+def stage_failed(run_id: str, job: str, stage: str, flow_run_id: str, state: str, why: str) -> None:
+    """A stage run of a run failed, crashed or was cancelled (the poller starts it again)."""
+    _run_event("nightbatch.stage.failed", run_id, job, {"stage": stage, "flow_run_id": flow_run_id, "state": state, "reason": why})  # fmt: skip
+
+
+def run_stuck(run_id: str, job: str, stage: str, why: str) -> None:
+    """A run does not move: a stage run ran past its timeout, or failed more often than allowed."""
+    _run_event("nightbatch.run.stuck", run_id, job, {"stage": stage, "reason": why})
+
+
+def _run_event(event: str, run_id: str, job: str, payload: dict[str, Any]) -> None:
+    emit_event(
+        event=event,
+        resource={"prefect.resource.id": f"nightbatch.run.{run_id}", "nightbatch.job": job},
+        payload={"run_id": run_id, **payload},
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, PrivateAttr
 
 from schemas.job import JobSpec
 
@@ -51,6 +51,10 @@ class Shard(BaseModel):
     sha256: str
     state: ShardState = "prepared"
     submit_started_at: str | None = None
+    # The submit lease: only its owner may upload or create a batch for this shard attempt, and only
+    # before lease_expires_at (epoch seconds); renewed before each create. See tasks/leases.py.
+    submit_owner: str | None = None
+    lease_expires_at: float | None = None
     file_id: str | None = None
     batch_id: str | None = None
     batch_status: BatchStatus | None = None
@@ -75,7 +79,37 @@ class CostEstimate(BaseModel):
     price_table_version: str
 
 
+class StrayBatch(BaseModel):
+    """A batch at the provider that carries this run's metadata but is not a shard's batch (left by
+    an older version or by hand): cancelled if open, and its usage counted in the cost record."""
+
+    batch_id: str
+    shard_id: str
+    attempt: int
+    status: str
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    found_at: str
+    usage_counted: bool = False
+    usage: dict[str, dict[str, int]] = Field(default_factory=dict)  # per model, as the cost record
+
+
+class Approval(BaseModel):
+    """An over-budget run waiting for an operator: one request per run, held by one flow run."""
+
+    requested_at: str
+    requested_by: str  # the flow run (or process) that asked
+    expires_at: float  # epoch seconds; after it, the request is void and the run stays unsubmitted
+    decision: Literal["pending", "approved", "rejected"] = "pending"
+    decided_by: str | None = None
+
+
 class RunManifest(BaseModel):
+    """The run. `_version` is the stored object's version (ETag on S3, content hash on disk) when the
+    manifest was read; saving it is a compare-and-swap against that version (tasks.runs)."""
+
+    _version: str | None = PrivateAttr(default=None)
+
     run_id: str
     job_name: str
     run_date: str
@@ -95,6 +129,8 @@ class RunManifest(BaseModel):
     cache_hits_uri: str | None = None  # requests/cache-hits.parquet: custom_id, cache_key
     budget_approved_by: str | None = None
     budget_approved_at: str | None = None
+    approval: Approval | None = None
+    stray_batches: list[StrayBatch] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
 
     def shard(self, shard_id: str) -> Shard:

@@ -17,6 +17,11 @@ class Settings(BaseModel):
     max_wait_seconds: float = 26 * 3600.0
     max_workers: int = 4
     expiry_grace_seconds: float = 3600.0
+    submit_lease_seconds: float = 900.0  # a shard's submit lease; renewed before every create
+    chain_wait_seconds: float = 60.0  # how long a stage run waits for batches before leaving them
+    stage_timeout_seconds: float = 3600.0  # a stage run still running after this is stuck
+    max_stage_attempts: int = 5  # the poller starts a failed stage again at most this often
+    stage_backoff_seconds: float = 60.0  # before starting a failed stage again (doubles each time)
     storage_options: dict[str, str] = {}
 
     @classmethod
@@ -32,4 +37,9 @@ class Settings(BaseModel):
             max_wait_seconds=float(env.get("NIGHTBATCH_MAX_WAIT_SECONDS", 26 * 3600)),
             max_workers=int(env.get("NIGHTBATCH_MAX_WORKERS", 4)),
             expiry_grace_seconds=float(env.get("NIGHTBATCH_EXPIRY_GRACE_SECONDS", 3600)),
+            submit_lease_seconds=float(env.get("NIGHTBATCH_SUBMIT_LEASE_SECONDS", 900)),
+            chain_wait_seconds=float(env.get("NIGHTBATCH_CHAIN_WAIT_SECONDS", 60)),
+            stage_timeout_seconds=float(env.get("NIGHTBATCH_STAGE_TIMEOUT_SECONDS", 3600)),
+            max_stage_attempts=int(env.get("NIGHTBATCH_MAX_STAGE_ATTEMPTS", 5)),
+            stage_backoff_seconds=float(env.get("NIGHTBATCH_STAGE_BACKOFF_SECONDS", 60)),
         )

@@ -5,12 +5,14 @@ exceptions. Exceptions are for what stops a stage:
 
     NightbatchError
     ├── TransientError      retrying the same step may succeed (API 429/5xx/timeouts, storage hiccups);
-    │   └── BatchApiUnavailable   Prefect task retries are driven by this branch only
+    │   ├── BatchApiUnavailable   Prefect task retries are driven by this branch only
+    │   └── WriteConflictError    a conditional write lost a race: re-read, re-apply, write again
     └── TerminalError       retrying will not help until something changes
         ├── BadInputError       the job spec or the source data is wrong; raised before anything is paid
         ├── BudgetExceededError the estimate is above the job's max_cost_usd
         ├── InvalidTransitionError  a manifest transition from the wrong state
         ├── RunNotFoundError    no manifest for the run
+        ├── LeaseLostError      another process holds the submit lease of a shard: leave it to them
         └── BatchApiError       the Batch API refused a request (400/401/404/409...)
 """
 
@@ -37,6 +39,11 @@ class BatchApiUnavailable(TransientError):
         self.retry_after = retry_after
 
 
+class WriteConflictError(TransientError):
+    """An object changed between our read and our conditional write (another stage, poller or CLI
+    wrote it). The caller re-reads and applies its change again; it never overwrites blindly."""
+
+
 class BatchApiError(TerminalError):
     """The Batch API rejected a request."""
 
@@ -55,3 +62,8 @@ class InvalidTransitionError(TerminalError):
 
 class RunNotFoundError(TerminalError):
     """There is no manifest for the requested run."""
+
+
+class LeaseLostError(TerminalError):
+    """The submit lease of a shard is held by another process (or was taken over after it expired):
+    this process must not upload or create anything for that shard."""

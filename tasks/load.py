@@ -45,6 +45,7 @@ from tasks.prepare import (
     source_columns,
     source_filter,
 )
+from tasks.reconcile import add_usage
 from tasks.render import custom_ids_for
 from tasks.runs import manifest_layout
 from tasks.storage import ObjectStore
@@ -85,6 +86,8 @@ def run_billing(manifest: RunManifest, store: ObjectStore) -> RunBilling:
             errors = store.read_table(shard.errors_uri, columns=[*wanted, "billed"])
             error_rows += errors.num_rows
             _add_usage(billed, errors.filter(pc.field("billed")))
+    for stray in manifest.stray_batches:  # billed by the provider though no row takes its results
+        add_usage(billed, stray.usage)
     cached: dict[str, dict[str, int]] = {}
     if manifest.cache_hits_uri:
         cache = ResultCache(store, manifest.job.storage_root, manifest.job)

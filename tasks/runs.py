@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import random
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from schemas.job import JobSpec
 from schemas.manifest import RunManifest
-from tasks.errors import BadInputError, RunNotFoundError
+from tasks.errors import BadInputError, RunNotFoundError, WriteConflictError
 from tasks.layout import RunLayout, join_uri, run_id_for
 from tasks.storage import ObjectStore
 
@@ -23,15 +26,21 @@ def manifest_layout(manifest: RunManifest) -> RunLayout:
     return layout_for(manifest.job, manifest.run_date)
 
 
+UPDATE_ATTEMPTS = 25
+
+
 def load_manifest(store: ObjectStore, layout: RunLayout) -> RunManifest:
+    """The run's manifest, carrying the version it was read at (for the compare-and-swap)."""
     try:
-        raw = store.read_bytes(layout.manifest)
+        raw, version = store.read_versioned(layout.manifest)
     except FileNotFoundError:
         raise RunNotFoundError(
             f"no run {run_id_for(layout.job_name, layout.run_date)} under {layout.root}: "
             "run prepare first (or check the job name, run date and storage_root)"
         ) from None
-    return RunManifest.model_validate_json(raw)
+    manifest = RunManifest.model_validate_json(raw)
+    manifest._version = version
+    return manifest
 
 
 def find_manifest(store: ObjectStore, layout: RunLayout) -> RunManifest | None:
@@ -40,16 +49,51 @@ def find_manifest(store: ObjectStore, layout: RunLayout) -> RunManifest | None:
     return load_manifest(store, layout)
 
 
-def save_manifest(store: ObjectStore, manifest: RunManifest) -> None:
-    """Atomic: readers see the previous manifest or this one, never a mix."""
-    store.write_bytes(
-        manifest_layout(manifest).manifest, manifest.model_dump_json(indent=1).encode()
+def save_manifest(store: ObjectStore, manifest: RunManifest) -> RunManifest:
+    """Compare-and-swap: written only if the stored manifest is still the version this one was read
+    at (a manifest never read, only if none exists); else WriteConflictError. Readers see the
+    previous manifest or this one, never a mix. Returns the manifest at its new version."""
+    uri = manifest_layout(manifest).manifest
+    version = store.write_if_version(
+        uri, manifest.model_dump_json(indent=1).encode(), manifest._version
+    )
+    saved = manifest.model_copy()
+    saved._version = version
+    return saved
+
+
+def update_manifest(
+    store: ObjectStore, manifest: RunManifest, change: Callable[[RunManifest], RunManifest]
+) -> RunManifest:
+    """Apply `change` (a pure function of the manifest, usually a transition) and save it. When
+    another process wrote the manifest since it was read, read it again and apply `change` to what
+    is there now: the loser of a race adopts the winner's state instead of overwriting it. A
+    `change` that returns its argument unchanged writes nothing."""
+    current = manifest
+    for attempt in range(UPDATE_ATTEMPTS):
+        changed = change(current)
+        if changed is current:
+            return current
+        try:
+            return save_manifest(store, changed)
+        except WriteConflictError:
+            time.sleep(random.uniform(0, 0.05 * min(attempt + 1, 8)))
+            current = refresh_job(load_manifest(store, manifest_layout(manifest)), manifest.job)
+    raise WriteConflictError(
+        f"the manifest of run {manifest.run_id} kept changing under {UPDATE_ATTEMPTS} attempts to "
+        "update it; rerun the stage"
     )
 
 
 def list_manifests(store: ObjectStore, root: str) -> list[RunManifest]:
     found = store.list_files(join_uri(root, "runs"), suffix="/manifest.json")
-    return [RunManifest.model_validate_json(store.read_bytes(uri)) for uri in found]
+    manifests = []
+    for uri in found:
+        raw, version = store.read_versioned(uri)
+        manifest = RunManifest.model_validate_json(raw)
+        manifest._version = version
+        manifests.append(manifest)
+    return manifests
 
 
 def new_manifest(job: JobSpec, run_date: str, now: str) -> RunManifest:
@@ -67,7 +111,7 @@ def refresh_job(manifest: RunManifest, job: JobSpec) -> RunManifest:
     """Apply the current job spec to an existing run. Limits, retry policy, tags and prices may change
     between stages (e.g. raising a budget after the gate stopped a run); what was rendered may not."""
     if manifest.job == job:
-        return manifest
+        return manifest  # (model_copy below keeps the manifest's version)
     for part in ("source", "request", "output_uri"):
         if getattr(manifest.job, part) != getattr(job, part):
             raise BadInputError(

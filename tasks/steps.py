@@ -3,6 +3,7 @@ return a small summary. Retries are driven by the transient branch of the error 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from prefect import task
@@ -51,9 +52,14 @@ def write_shards_task(
     cache_policy=NO_CACHE,
 )
 def submit_shard_task(
-    api: BatchApi, store: ObjectStore, run_id: str, endpoint: str, shard: Shard
+    api: BatchApi,
+    store: ObjectStore,
+    run_id: str,
+    endpoint: str,
+    shard: Shard,
+    keep_lease: Callable[[], None] | None = None,
 ) -> BatchInfo:
-    return submit_shard(api, store, run_id, endpoint, shard)
+    return submit_shard(api, store, run_id, endpoint, shard, keep_lease=keep_lease)
 
 
 @task(

@@ -3,6 +3,9 @@ usual AWS variables). The only module besides the Parquet readers that touches s
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import hashlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -15,7 +18,19 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from tasks.errors import TransientError
+from tasks.errors import TransientError, WriteConflictError
+
+VERSION_READ_ATTEMPTS = 5
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    """Whether an S3 error is a failed condition (412) or a concurrent conditional write (409)."""
+    cause = exc.__cause__ or exc.__context__
+    response = getattr(cause, "response", None) or getattr(exc, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
+    if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409"):
+        return True
+    return "pre-conditions you specified did not hold" in str(exc)
 
 
 class ObjectStore:
@@ -55,9 +70,52 @@ class ObjectStore:
         with self.open_atomic(uri) as handle:
             handle.write(data)
 
+    def read_versioned(self, uri: str) -> tuple[bytes, str]:
+        """An object's bytes with the version they are: the ETag on S3, a content hash on local
+        disk. `write_if_version` replaces the object only if it is still at that version."""
+        fs, path = self.fs(uri)
+        if self.is_local(fs):
+            data = _read_local(path)
+            return data, _content_version(data)
+        fs.invalidate_cache(path)
+        for _ in range(VERSION_READ_ATTEMPTS):
+            try:
+                with fs.open(path, "rb") as handle:  # s3fs reads with If-Match on the ETag it saw
+                    etag = str(handle.details.get("ETag", ""))
+                    data = handle.read()
+                return data, etag
+            except FileNotFoundError:
+                raise
+            except OSError as exc:
+                # s3fs reports an ETag that changed between its HEAD and GET as EBUSY
+                if exc.errno != errno.EBUSY and not _precondition_failed(exc):
+                    raise TransientError(f"could not read {uri}: {exc}") from exc
+                fs.invalidate_cache(path)  # changed between the HEAD and the GET: read again
+        raise WriteConflictError(f"{uri} kept changing while it was read")
+
+    def write_if_version(self, uri: str, data: bytes, version: str | None) -> str:
+        """Compare-and-swap: write `data` only if the object is still at `version` (None: only if
+        it does not exist yet). Returns the new version; raises WriteConflictError otherwise."""
+        fs, path = self.fs(uri)
+        if self.is_local(fs):
+            return _write_local_if_version(path, data, version)
+        bucket, key, _ = fs.split_path(path)
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        try:
+            response = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **condition)
+        except FileExistsError as exc:
+            raise WriteConflictError(f"{uri} was created by another writer") from exc
+        except OSError as exc:
+            if _precondition_failed(exc):
+                raise WriteConflictError(f"{uri} changed since it was read") from exc
+            raise TransientError(f"could not write {uri}: {exc}") from exc
+        fs.invalidate_cache(path)
+        return str(response["ETag"])
+
     @contextmanager
     def open_atomic(self, uri: str) -> Iterator[IO[bytes]]:
-        """Write to a temporary name, then move into place. On S3 one PUT is already atomic."""
+        """Write to a temporary name, then move into place (local disk); on S3, an upload that is
+        committed only when the block succeeds and aborted otherwise: whole or absent, never half."""
         fs, path = self.fs(uri)
         if self.is_local(fs):
             parent = os.path.dirname(path)
@@ -71,8 +129,14 @@ class ObjectStore:
                 if os.path.exists(tmp):
                     os.remove(tmp)
         else:
-            with fs.open(path, "wb") as handle:
+            handle = fs.open(path, "wb", autocommit=False)
+            try:
                 yield handle
+                handle.close()
+                handle.commit()
+            except BaseException:
+                handle.discard()
+                raise
 
     @contextmanager
     def open_read(self, uri: str) -> Iterator[IO[bytes]]:
@@ -123,3 +187,37 @@ class ObjectStore:
         if not fs.exists(path):
             raise FileNotFoundError(uri)
         return ds.dataset(path, filesystem=fs, format="parquet")
+
+
+def _content_version(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_local(path: str) -> bytes:
+    with open(path, "rb") as handle:  # replaced by os.replace: whole old or whole new
+        return handle.read()
+
+
+def _write_local_if_version(path: str, data: bytes, version: str | None) -> str:
+    """The local-disk compare-and-swap: an exclusive lock on a sidecar lock file around the version
+    check and the atomic replace (every writer of the object takes the same lock)."""
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    with open(os.path.join(parent, f".{name}.lock"), "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            current = _read_local(path) if os.path.exists(path) else None
+            if (None if current is None else _content_version(current)) != version:
+                state = "exists" if version is None else "changed since it was read"
+                raise WriteConflictError(f"{path} {state}")
+            tmp = os.path.join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
+            try:
+                with open(tmp, "wb") as handle:
+                    handle.write(data)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return _content_version(data)

@@ -1,11 +1,13 @@
 """submit: upload shard files and create batches, exactly once per shard attempt.
 
-The protocol, safe against a crash or retry at any point:
-1. the manifest records the intent (`submitting`) before anything is uploaded;
+The protocol, safe against a crash, a retry or a concurrent submitter at any point:
+1. the manifest records the intent (`submitting`) and the shard's submit lease, by compare-and-swap,
+   before anything is uploaded: only the lease holder goes on (tasks/leases.py);
 2. for a shard in `submitting`, look for a batch already created for it (batch metadata carries the run,
    the shard and the file's sha256); adopt it if found;
-3. otherwise delete our orphaned uploads of that shard, upload the file, create the batch; if the create
-   fails in a way that may have created it (5xx, timeout), look it up again before retrying.
+3. otherwise delete our orphaned uploads of that shard, upload the file, renew the lease (stop if it
+   was lost), create the batch; if the create fails in a way that may have created it (5xx, timeout),
+   look it up again before retrying.
 """
 
 from __future__ import annotations
@@ -61,19 +63,30 @@ def submit_shard(
     endpoint: str,
     shard: Shard,
     sleep: Callable[[float], None] | None = None,
+    keep_lease: Callable[[], None] | None = None,
 ) -> BatchInfo:
-    """Return the one batch of this shard attempt, creating it only if none exists."""
+    """Return the one batch of this shard attempt, creating it only if none exists. `keep_lease`
+    renews this process's submit lease and raises LeaseLostError when it is no longer ours: it is
+    called before the upload and before every create, so a lease cannot expire unnoticed."""
+    renew = keep_lease or (lambda: None)
     existing = find_existing_batch(api, run_id, shard)
     if existing is not None:
         delete_orphan_uploads(api, run_id, shard, keep=existing.input_file_id)
         return existing
     delete_orphan_uploads(api, run_id, shard)
+    renew()
     with store.open_read(shard.request_uri) as handle:
         file_id = api.upload(handle, upload_filename(run_id, shard))
     crash_point("after-upload")
     metadata = shard_metadata(run_id, shard)
     last_error: Exception | None = None
     for attempt in range(CREATE_ATTEMPTS):
+        try:
+            renew()
+        except Exception:
+            with contextlib.suppress(Exception):
+                api.delete_file(file_id)
+            raise
         try:
             batch = api.create_batch(file_id, endpoint, metadata)
             crash_point("after-create")

@@ -3,12 +3,12 @@ persist the result. A transition from the wrong state raises InvalidTransitionEr
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from schemas.manifest import TERMINAL_BATCH_STATUSES, RunManifest, Shard, ShardCounts
 from tasks.batch_api import BatchInfo
-from tasks.errors import InvalidTransitionError
+from tasks.errors import InvalidTransitionError, LeaseLostError
 
 
 def _require(shard: Shard, allowed: Iterable[str], action: str) -> None:
@@ -19,10 +19,51 @@ def _require(shard: Shard, allowed: Iterable[str], action: str) -> None:
         )
 
 
-def start_submit(shard: Shard, now: str) -> Shard:
-    """Record the intent to submit before anything is uploaded or created."""
-    _require(shard, ("prepared",), "start submitting")
-    return shard.model_copy(update={"state": "submitting", "submit_started_at": now})
+def lease_is_free(shard: Shard, now_epoch: float, holder_gone: bool = False) -> bool:
+    """A shard in `submitting` whose lease has expired (or whose holder is known to be gone) may be
+    taken over; one in `prepared` has no lease yet."""
+    if shard.state == "prepared":
+        return True
+    if shard.state != "submitting":
+        return False
+    expired = shard.lease_expires_at is None or shard.lease_expires_at <= now_epoch
+    return expired or holder_gone
+
+
+def start_submit(
+    shard: Shard,
+    now: str,
+    owner: str = "",
+    now_epoch: float = 0.0,
+    lease_seconds: float = 0.0,
+    holder_gone: bool = False,
+) -> Shard:
+    """Record the intent to submit, and take the shard's submit lease, before anything is uploaded
+    or created. A shard already `submitting` is taken over only when its lease is free."""
+    _require(shard, ("prepared", "submitting"), "start submitting")
+    if not lease_is_free(shard, now_epoch, holder_gone):
+        raise LeaseLostError(
+            f"shard {shard.shard_id} is being submitted by {shard.submit_owner} "
+            f"(lease until {shard.lease_expires_at})"
+        )
+    return shard.model_copy(
+        update={
+            "state": "submitting",
+            "submit_started_at": shard.submit_started_at if shard.state == "submitting" else now,
+            "submit_owner": owner or None,
+            "lease_expires_at": now_epoch + lease_seconds if owner else None,
+        }
+    )
+
+
+def renew_lease(shard: Shard, owner: str, now_epoch: float, lease_seconds: float) -> Shard:
+    """Extend our lease before a create; LeaseLostError when it is no longer ours."""
+    if shard.state != "submitting" or shard.submit_owner != owner:
+        raise LeaseLostError(
+            f"shard {shard.shard_id} is no longer ours to submit: it is {shard.state!r}, "
+            f"lease held by {shard.submit_owner}"
+        )
+    return shard.model_copy(update={"lease_expires_at": now_epoch + lease_seconds})
 
 
 def record_batch(shard: Shard, batch: BatchInfo, now: str) -> Shard:
@@ -30,6 +71,8 @@ def record_batch(shard: Shard, batch: BatchInfo, now: str) -> Shard:
     return shard.model_copy(
         update={
             "state": "submitted",
+            "submit_owner": None,
+            "lease_expires_at": None,
             "file_id": batch.input_file_id,
             "batch_id": batch.id,
             "batch_status": batch.status,
@@ -80,6 +123,26 @@ def replace_shards(manifest: RunManifest, changed: Iterable[Shard], now: str) ->
     by_id = {s.shard_id: s for s in changed}
     shards = [by_id.get(s.shard_id, s) for s in manifest.shards]
     return manifest.model_copy(update={"shards": shards, "updated_at": now})
+
+
+def advance_shards(
+    manifest: RunManifest, changes: Mapping[str, Callable[[Shard], Shard]], now: str
+) -> RunManifest:
+    """Apply each shard's transition to that shard as it is in `manifest` now. A shard whose state
+    no longer allows it (another process advanced it first) is left as it is; with nothing changed,
+    `manifest` itself is returned (and nothing needs saving)."""
+    changed: list[Shard] = []
+    for shard in manifest.shards:
+        change = changes.get(shard.shard_id)
+        if change is None:
+            continue
+        try:
+            changed.append(change(shard))
+        except InvalidTransitionError:
+            continue
+    if not changed:
+        return manifest
+    return with_status(replace_shards(manifest, changed, now), now)
 
 
 def run_status_from_shards(manifest: RunManifest) -> str:

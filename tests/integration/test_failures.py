@@ -121,7 +121,7 @@ def test_cancelled_batch_keeps_its_partial_output_and_retries_the_rest(
     emulator.configure(lines_per_second=2.0)  # slow enough to cancel mid-batch
     job = chat_job(source, tmp_path, limits={"max_lines_per_shard": 100})
     prepare(job, RUN_DATE)
-    submit(job, RUN_DATE)
+    submit(job, RUN_DATE, continue_run=False)
     batch_id = load_manifest(ObjectStore(), layout_for(job, RUN_DATE)).shards[0].batch_id
     client = openai.OpenAI(max_retries=0)
     import time

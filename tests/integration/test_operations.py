@@ -84,7 +84,7 @@ def test_abandon_cancels_open_batches(
     job, path = job_file
     emulator.configure(lines_per_second=0.5)
     prepare(job, RUN_DATE)
-    submit(job, RUN_DATE)
+    submit(job, RUN_DATE, continue_run=False)
     assert main(["abandon", str(path), "--run-date", RUN_DATE]) == 0
     assert "abandoned; cancelled batches: batch_" in capsys.readouterr().out
     manifest = load_manifest(ObjectStore(), layout_for(job, RUN_DATE))

@@ -98,12 +98,12 @@ def test_an_over_budget_run_waits_for_an_operators_approval(
     prepare(job, RUN_DATE)
     outcome: dict[str, Any] = {}
     worker = threading.Thread(
-        target=lambda: outcome.update(result=submit(job, RUN_DATE)), daemon=True
+        target=lambda: outcome.update(result=submit(job, RUN_DATE, continue_run=False)), daemon=True
     )
     worker.start()
     paused = None
     deadline = time.monotonic() + 90
-    by_name = FlowRunFilter(name=FlowRunFilterName(any_=[f"submit-approval-job-{RUN_DATE}"]))
+    by_name = FlowRunFilter(name=FlowRunFilterName(any_=[f"submit-approval-job-{RUN_DATE}-a1"]))
     while paused is None and time.monotonic() < deadline:
         with get_client(sync_client=True) as client:
             runs = client.read_flow_runs(flow_run_filter=by_name)
@@ -116,4 +116,5 @@ def test_an_over_budget_run_waits_for_an_operators_approval(
     assert outcome["result"]["status"] == "waiting"
     manifest = load_manifest(ObjectStore(), layout_for(job, RUN_DATE))
     assert manifest.budget_approved_by == "alice"
+    assert manifest.approval is not None and manifest.approval.decision == "approved"
     assert emulator.stats()["batches"]["created"] == 2

@@ -121,14 +121,14 @@ def test_each_stage_runs_alone_on_an_existing_run(tmp_path: Path, emulator: Any)
     pq.write_table(support_tickets(30), tmp_path / "tickets.parquet")
     job = triage_job(str(tmp_path / "tickets.parquet"), str(tmp_path))
     assert prepare(job, RUN_DATE)["status"] == "prepared"
-    assert submit(job, RUN_DATE)["status"] == "waiting"
-    assert submit(job, RUN_DATE)["status"] == "waiting"  # idempotent
+    assert submit(job, RUN_DATE, continue_run=False)["status"] == "waiting"
+    assert submit(job, RUN_DATE, continue_run=False)["status"] == "waiting"  # idempotent
     assert emulator.stats()["batches"]["created"] == 1
     for _ in range(100):
         if wait(job, RUN_DATE)["shards"] == {"completed": 1}:
             break
         time.sleep(0.1)
-    assert collect(job, RUN_DATE)["status"] == "collected"
+    assert collect(job, RUN_DATE, continue_run=False)["status"] == "collected"
     loaded = load(job, RUN_DATE)
     assert loaded["status"] == "loaded"
     assert read_output(loaded["output"]).num_rows == 30

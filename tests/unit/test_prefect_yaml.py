@@ -68,3 +68,45 @@ def test_every_stage_deployment_exists_for_every_job_the_poller_advances() -> No
         for fn in ("prepare", "submit", "wait", "collect", "retry_failures", "load", "pipeline"):
             assert (fn, job) in names, f"no {fn} deployment for {job}"
     assert poller["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
+
+
+@pytest.mark.parametrize("dep", DEPLOYMENTS, ids=IDS)
+def test_every_deployment_and_parameter_is_described_for_the_ui(
+    dep: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(ROOT)
+    assert dep.get("description"), f"{dep['entrypoint']} has no description"
+    schema = parameter_schema(load_flow_from_entrypoint(dep["entrypoint"])).model_dump_for_openapi()
+    undescribed = [n for n, p in schema["properties"].items() if not p.get("description")]
+    assert undescribed == []
+
+
+def test_no_pull_step_holds_a_deploy_time_path() -> None:
+    pulls = [RAW.get("pull") or [], *[d.get("pull") or [] for d in DEPLOYMENTS]]
+    text = yaml.safe_dump(pulls)
+    assert "{{" not in text and "set_working_directory" not in text
+    assert RAW["pull"] == [{"flows.deploy_steps.enter_project": {}}]
+
+
+def test_the_pull_step_finds_the_project_where_the_flow_runs(tmp_path: Path) -> None:
+    from flows.deploy_steps import project_directory
+
+    assert project_directory({"NIGHTBATCH_HOME": str(tmp_path)}) == tmp_path
+    assert project_directory({}) == ROOT  # an editable install: the checkout it came from
+
+
+def test_the_shipped_automations_validate_as_prefect_reads_them() -> None:
+    from prefect.events.schemas.automations import AutomationCore
+
+    raw = yaml.safe_load((ROOT / "automations.yaml").read_text())["automations"]
+    automations = [AutomationCore.model_validate(a) for a in raw]
+    zombie = automations[0]
+    assert zombie.actions[0].type == "change-flow-run-state"
+    assert "prefect.flow-run.heartbeat" in zombie.trigger.after  # type: ignore[union-attr]
+    assert zombie.trigger.expect  # type: ignore[union-attr]  (an empty expect fires on every event)
+    assert all(a.trigger.expect for a in automations)  # type: ignore[union-attr]
+    heartbeat = RAW["definitions"]["work_pools"]["local"]["job_variables"]["env"]
+    assert (
+        int(heartbeat["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]) * 3
+        <= zombie.trigger.within.total_seconds()
+    )  # type: ignore[union-attr]
