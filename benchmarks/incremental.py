@@ -37,7 +37,7 @@ def fill_cache(job: object, shards: list, store: object) -> int:  # type: ignore
     from schemas.tables import results_schema
     from tasks.cache import ResultCache, cache_key_from_line, custom_id_of_line
 
-    cache = ResultCache(store, job.storage_root, job)  # type: ignore[attr-defined, arg-type]
+    cache = ResultCache(store, job.storage_root, job, "test-api")  # type: ignore[attr-defined, arg-type]
     schema = results_schema(job.request)  # type: ignore[attr-defined]
     now = datetime.now(UTC).isoformat()
     total = 0
@@ -69,7 +69,7 @@ def served_from_cache(job: Any, store: Any, run_date: str) -> tuple[float, int, 
     from tasks.cache import ResultCache, served_results, served_usage
     from tasks.layout import RunLayout
 
-    cache = ResultCache(store, job.storage_root, job)
+    cache = ResultCache(store, job.storage_root, job, "test-api")
     hits_uri = RunLayout(job.storage_root, job.name, run_date).cache_hits
     started = time.perf_counter()
     rows = sum(t.num_rows for t in served_results(cache, store, hits_uri, datetime.now(UTC)))
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     started = time.perf_counter()
-    index = ResultCache(store, job2.storage_root, job2).index(None, datetime.now(UTC))
+    index = ResultCache(store, job2.storage_root, job2, "test-api").index(None, datetime.now(UTC))
     index_seconds = time.perf_counter() - started
     night2 = write_shards(
         job2, store, RunLayout(job2.storage_root, job2.name, "2026-01-02"), cache_index=index

@@ -28,10 +28,12 @@ def emulator_env(state_dir: Path, clock_scale: float | None = None) -> Iterator[
     from emulator.server import EmulatorServer
 
     config = EmulatorConfig() if clock_scale is None else EmulatorConfig(clock_scale=clock_scale)
-    saved = {k: os.environ.get(k) for k in ("OPENAI_BASE_URL", "OPENAI_API_KEY")}
+    names = ("OPENAI_BASE_URL", "OPENAI_API_KEY", "NIGHTBATCH_API_IDENTITY")
+    saved = {k: os.environ.get(k) for k in names}
     with EmulatorServer(state_dir, config=config) as server:
         os.environ["OPENAI_BASE_URL"] = server.base_url
         os.environ["OPENAI_API_KEY"] = "emulator-key"
+        os.environ["NIGHTBATCH_API_IDENTITY"] = "emulator"  # its results stay in its own namespace
         try:
             yield server.base_url
         finally:
@@ -201,7 +203,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
             print("--prune-older-than and --compact need a job spec (its cache namespace)",
                   file=sys.stderr)  # fmt: skip
             return 2
-        cache = ResultCache(store, root, JobSpec.from_yaml(args.target))
+        cache = ResultCache(
+            store, root, JobSpec.from_yaml(args.target), Settings.from_env().api_identity
+        )
         if args.prune_older_than is not None:
             removed = cache.prune(args.prune_older_than, datetime.now(UTC))
             print(

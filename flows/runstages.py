@@ -24,7 +24,13 @@ from tasks.cache import CacheWrite, ResultCache
 from tasks.costrecord import check_budget, cost_records, estimate_cost
 from tasks.costreport import past_output_mean
 from tasks.crashpoints import crash_point
-from tasks.errors import BudgetExceededError, LeaseLostError, TerminalError, WriteConflictError
+from tasks.errors import (
+    BadInputError,
+    BudgetExceededError,
+    LeaseLostError,
+    TerminalError,
+    WriteConflictError,
+)
 from tasks.leases import new_owner, owner_is_gone
 from tasks.load import cost_table, run_billing, succeeded_ids_and_errors, write_output
 from tasks.reconcile import (
@@ -55,20 +61,21 @@ from tasks.storage import ObjectStore
 # ---- prepare -------------------------------------------------------------------------------------
 
 
-def prepare_stage(job: JobSpec, run_date: str, store: ObjectStore) -> RunManifest:
+def prepare_stage(job: JobSpec, run_date: str, store: ObjectStore, api: str) -> RunManifest:
+    """Prepare the run for `api` (its identity, schemas.lineage), or resume the one prepared."""
     logger = get_run_logger()
     layout = layout_for(job, run_date)
     existing = find_manifest(store, layout)
     if existing is not None:
         logger.info("run %s already prepared (%s); resuming", existing.run_id, existing.status)
-        return refresh_job(existing, job)
+        return check_api(refresh_job(existing, job), api)
     index = None
     if job.cache.enabled and not job.cache.refresh:
-        index = ResultCache(store, job.storage_root, job).index(
+        index = ResultCache(store, job.storage_root, job, api).index(
             job.cache.max_age_days, datetime.now(UTC)
         )
     result = write_shards_task(job, store, layout, index)
-    manifest = new_manifest(job, run_date, utc_now())
+    manifest = new_manifest(job, run_date, utc_now()).model_copy(update={"api": api})
     past_mean = past_output_mean(store, job.storage_root, job.name, job.request.model, run_date)
     sent = result.rows - result.cache_hits
     estimate = estimate_cost(job, sent, sum(s.input_tokens for s in result.shards), past_mean)
@@ -85,7 +92,7 @@ def prepare_stage(job: JobSpec, run_date: str, store: ObjectStore) -> RunManifes
         manifest = save_manifest(store, manifest)  # only if no other prepare got there first
     except WriteConflictError:
         logger.info("run %s was prepared by another process meanwhile; using it", manifest.run_id)
-        return refresh_job(load_manifest(store, layout), job)
+        return check_api(refresh_job(load_manifest(store, layout), job), api)
     crash_point("after-prepare")
     logger.info(
         "prepared %s: %d rows, %d served from the cache, %d to send in %d shards, %d input tokens, "
@@ -94,6 +101,18 @@ def prepare_stage(job: JobSpec, run_date: str, store: ObjectStore) -> RunManifes
         estimate.input_tokens, estimate.batch_usd, estimate.standard_usd,
     )  # fmt: skip
     observe.publish_run(manifest, store)
+    return manifest
+
+
+def check_api(manifest: RunManifest, api: str) -> RunManifest:
+    """A run is sent to, and collects from, the API it was prepared for; never a mix."""
+    if manifest.api is not None and manifest.api != api:
+        raise BadInputError(
+            f"run {manifest.run_id} was prepared for the API {manifest.api!r}, but this process is "
+            f"pointed at {api!r}. Point it at {manifest.api!r} again (OPENAI_BASE_URL, or "
+            "`--emulator` for the bundled emulator) to finish that run, or start a new run under "
+            "another --run-date (`nightbatch abandon` ends the old one)."
+        )
     return manifest
 
 
@@ -292,7 +311,7 @@ def collect_stage(manifest: RunManifest, store: ObjectStore, api: BatchApi) -> R
     logger = get_run_logger()
     layout = manifest_layout(manifest)
     ready = [s for s in manifest.shards if s.state == "terminal"]
-    cache_write = CacheWrite(manifest.run_id, utc_now())
+    cache_write = CacheWrite(manifest.run_id, utc_now(), manifest.api)
     futures = [
         collect_shard_task.submit(manifest.job, layout, s, store, api, cache_write) for s in ready
     ]

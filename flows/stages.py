@@ -19,6 +19,7 @@ from flows import observe
 from flows.approval import holds_approval
 from flows.context import build_batch_api, build_store, resolve_job, resolve_run_date
 from flows.runstages import (
+    check_api,
     collect_stage,
     load_stage,
     poll_stage,
@@ -67,7 +68,9 @@ def open_run(
     spec, date = resolve_job(job), resolve_run_date(run_date)
     settings = Settings.from_env()
     store = build_store(settings)
-    manifest = refresh_job(load_manifest(store, layout_for(spec, date)), spec)
+    manifest = check_api(
+        refresh_job(load_manifest(store, layout_for(spec, date)), spec), settings.api_identity
+    )
     if stage is not None:
         observe.name_flow_run(f"{stage}-{manifest.job_name}-{date}-a{manifest.current_attempt}")
     return settings, store, manifest
@@ -172,7 +175,8 @@ def prepare(job: JobSpec | str, run_date: str | None = None) -> dict[str, Any]:
         run_date: The run's logical date, YYYY-MM-DD (default: the flow run's scheduled date).
     """
     spec, date = resolve_job(job), resolve_run_date(run_date)
-    return summary(prepare_stage(spec, date, build_store(Settings.from_env())))
+    settings = Settings.from_env()
+    return summary(prepare_stage(spec, date, build_store(settings), settings.api_identity))
 
 
 @flow(name="submit", flow_run_name=_run_name("submit"), task_runner=TASK_RUNNER)
@@ -273,7 +277,8 @@ def cache_maintenance(
         prune_older_than_days: Remove cache entries older than this many days (none if unset).
     """
     spec = resolve_job(job)
-    cache = ResultCache(build_store(Settings.from_env()), spec.storage_root, spec)
+    settings = Settings.from_env()
+    cache = ResultCache(build_store(settings), spec.storage_root, spec, settings.api_identity)
     now = datetime.now(UTC)
     pruned = 0 if prune_older_than_days is None else cache.prune(prune_older_than_days, now)
     before, after = cache.compact(now)
@@ -360,7 +365,7 @@ def pipeline(
         else settings.poll_interval_seconds
     )
     store = build_store(settings)
-    manifest = prepare_stage(spec, date, store)
+    manifest = prepare_stage(spec, date, store, settings.api_identity)
     if manifest.status == "loaded":
         get_run_logger().info("run %s is already loaded; nothing to do", manifest.run_id)
         return summary(manifest)

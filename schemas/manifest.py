@@ -114,6 +114,7 @@ class RunManifest(BaseModel):
     job_name: str
     run_date: str
     job: JobSpec
+    api: str | None = None  # the API the run is sent to (schemas.lineage); None: before it was kept
     status: RunStatus = "prepared"
     rows_selected: int = 0
     shards: list[Shard] = Field(default_factory=list)

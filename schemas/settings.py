@@ -7,12 +7,15 @@ from collections.abc import Mapping
 
 from pydantic import BaseModel, SecretStr
 
+from schemas.lineage import api_identity
+
 
 class Settings(BaseModel):
     openai_api_key: SecretStr | None = None
     openai_base_url: str | None = None
     openai_organization: str | None = None
     openai_project: str | None = None
+    api_identity: str = "api.openai.com"  # schemas.lineage: which API produces this run's results
     poll_interval_seconds: float = 60.0
     max_wait_seconds: float = 26 * 3600.0
     max_workers: int = 4
@@ -28,9 +31,11 @@ class Settings(BaseModel):
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         key = env.get("OPENAI_API_KEY")
+        base_url = env.get("OPENAI_BASE_URL") or None
         return cls(
+            api_identity=env.get("NIGHTBATCH_API_IDENTITY") or api_identity(base_url),
             openai_api_key=SecretStr(key) if key else None,
-            openai_base_url=env.get("OPENAI_BASE_URL") or None,
+            openai_base_url=base_url,
             openai_organization=env.get("OPENAI_ORG_ID") or None,
             openai_project=env.get("OPENAI_PROJECT_ID") or None,
             poll_interval_seconds=float(env.get("NIGHTBATCH_POLL_INTERVAL_SECONDS", 60)),

@@ -107,6 +107,7 @@ LINEAGE_FIELDS = [
     pa.field("nb_attempt", pa.int32()),
     pa.field("nb_batch_id", pa.string()),
     pa.field("nb_cached_from_run", pa.string()),  # set when the result was served from the cache
+    pa.field("nb_api", pa.string()),  # the API that produced the result (schemas.lineage)
 ]
 
 COST_RECORD_SCHEMA = pa.schema(

@@ -5,8 +5,10 @@ whole rendered body (model, messages or input, every parameter, the structured-o
 version of the parsing rules. Any change to the template, model, parameters or schema changes the key of
 exactly the rows it affects, so nothing stale is ever served.
 
-Entries live in Parquet segments, one per collected shard, grouped in a namespace per endpoint, model,
-schema and parse version (all entries of a namespace share one Arrow schema):
+Entries live in Parquet segments, one per collected shard, grouped in a namespace per API (schemas.lineage:
+results of one API are never served to a run against another), endpoint, model, schema and parse
+version (all entries of a namespace share one Arrow schema). Namespaces are shared by the jobs of a
+storage root on purpose: two jobs that send the very same request get the answer once.
 
     {root}/cache/{namespace}/segment-{run_id}-{shard_id}.parquet   # cache_key, created_at, run_id, result columns
 
@@ -34,6 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from schemas.job import JobSpec
+from schemas.lineage import slug
 from schemas.tables import USAGE_FIELDS, results_schema
 from tasks.layout import join_uri
 from tasks.storage import ObjectStore
@@ -45,10 +48,12 @@ COMPACT_SEGMENT_ROWS = 50_000  # about a shard's worth: a merged segment's size
 KEY_BYTES = 16
 
 
-def namespace(job: JobSpec) -> str:
-    """Entries of one namespace share a result schema: endpoint, model, schema, parse rules."""
+def namespace(job: JobSpec, api: str | None) -> str:
+    """Entries of one namespace come from one API and share a result schema: endpoint, model,
+    schema, parse rules."""
     spec = orjson.dumps(
         {
+            "api": api,
             "endpoint": job.request.endpoint,
             "model": job.request.model,
             "schema": job.request.output_schema,
@@ -57,7 +62,7 @@ def namespace(job: JobSpec) -> str:
         option=orjson.OPT_SORT_KEYS,
     )
     name = job.request.model.replace("/", "_")
-    return f"{name}-{hashlib.sha256(spec).hexdigest()[:16]}"
+    return f"{slug(api or 'unknown')}--{name}-{hashlib.sha256(spec).hexdigest()[:16]}"
 
 
 def cache_key(endpoint: str, body_json: bytes | memoryview) -> bytes:
@@ -208,10 +213,10 @@ class HitRecorder:
 class ResultCache:
     """Reads and writes one namespace of the cache."""
 
-    def __init__(self, store: ObjectStore, root: str, job: JobSpec) -> None:
+    def __init__(self, store: ObjectStore, root: str, job: JobSpec, api: str | None) -> None:
         self.store = store
         self.job = job
-        self.dir = join_uri(root, "cache", namespace(job))
+        self.dir = join_uri(root, "cache", namespace(job, api))
         self.schema = pa.schema(
             [
                 pa.field("cache_key", pa.binary(KEY_BYTES)),
@@ -439,6 +444,7 @@ class CacheWrite:
 
     run_id: str
     created_at: str
+    api: str | None  # the API the run's results come from
 
 
 def cache_shard_results(

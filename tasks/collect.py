@@ -206,7 +206,7 @@ def collect_shard(
     counts.failed = errors.count
     if cache_write is not None and job.cache.enabled:
         cache_shard_results(
-            ResultCache(store, job.storage_root, job), store, results_uri, sidecar,
+            ResultCache(store, job.storage_root, job, cache_write.api), store, results_uri, sidecar,
             shard.request_uri, f"{cache_write.run_id}-{shard.shard_id}", cache_write.run_id,
             cache_write.created_at,
         )  # fmt: skip

@@ -90,7 +90,7 @@ def run_billing(manifest: RunManifest, store: ObjectStore) -> RunBilling:
         add_usage(billed, stray.usage)
     cached: dict[str, dict[str, int]] = {}
     if manifest.cache_hits_uri:
-        cache = ResultCache(store, manifest.job.storage_root, manifest.job)
+        cache = ResultCache(store, manifest.job.storage_root, manifest.job, manifest.api)
         for served in served_usage(cache, store, manifest.cache_hits_uri, datetime.now(UTC)):
             _add_usage(cached, served)
     return RunBilling(billed, cached, result_rows, error_rows)
@@ -255,7 +255,9 @@ class _Outcomes:
                     yield _with_cached_from(table, self.results_schema)
         if self.manifest.cache_hits_uri:
             for cached in served_results(
-                ResultCache(self.store, self.manifest.job.storage_root, self.manifest.job),
+                ResultCache(
+                    self.store, self.manifest.job.storage_root, self.manifest.job, self.manifest.api
+                ),
                 self.store,
                 self.manifest.cache_hits_uri,
                 datetime.now(UTC),
@@ -541,6 +543,7 @@ class _Join:
             taken.column("attempt"),
             taken.column("batch_id"),
             cached_from,
+            pa.repeat(pa.scalar(self.manifest.api or "unknown", pa.string()), n),
         ]
         self.held.append(
             pa.Table.from_arrays([_chunked(a) for a in arrays], schema=self.out_schema)

@@ -127,3 +127,41 @@ def test_cache_off_and_refresh(tmp_path: Path, emulator: Any) -> None:
     assert sent_lines(emulator) == 90
     run(job, "2026-11-25")
     assert sent_lines(emulator) == 90  # served from the cache again
+
+
+def test_a_dry_run_on_the_emulator_never_reaches_a_run_against_another_api(
+    tmp_path: Path, emulator: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`nightbatch run --emulator` first (the README's first step), then the real run: nothing of
+    the dry run is served; each row says which API answered it; a run is finished against the API
+    it was prepared for, or refused with one message."""
+    import yaml
+
+    from flows.cli import main
+
+    pq.write_table(support_tickets(40), tmp_path / "tickets.parquet")
+    job = chat_job(tmp_path / "tickets.parquet", tmp_path, limits={"max_lines_per_shard": 100})
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job.model_dump(mode="json")))
+
+    dry = ["run", str(job_file), "--emulator", "--run-date", "2026-11-23", "--poll-interval", "0.1"]
+    assert main([*dry, "--emulator-state", str(tmp_path / "emu")]) == 0
+    dry_out = pq.read_table(
+        load_manifest(ObjectStore(), layout_for(job, "2026-11-23")).output_file_uri
+    )  # type: ignore[arg-type]
+    assert set(dry_out.column("nb_api").to_pylist()) == {"emulator"}
+
+    real = ["run", str(job_file), "--run-date", "2026-11-24", "--poll-interval", "0.1"]
+    assert main(real) == 0  # against "another" API: the test's emulator on its own URL
+    manifest = load_manifest(ObjectStore(), layout_for(job, "2026-11-24"))
+    assert manifest.cache_hits == 0 and sent_lines(emulator) == 40
+    out = pq.read_table(manifest.output_file_uri)  # type: ignore[arg-type]
+    assert set(out.column("nb_status").to_pylist()) == {"succeeded"}
+    assert set(out.column("nb_api").to_pylist()) == {manifest.api} != {"emulator"}
+    assert manifest.api is not None and manifest.api.startswith("127.0.0.1:")
+
+    capsys.readouterr()
+    resumed = ["run", str(job_file), "--run-date", "2026-11-24", "--emulator", "--emulator-state", str(tmp_path / "emu")]  # fmt: skip
+    assert main(resumed) == 2
+    err = capsys.readouterr().err
+    assert f"prepared for the API {manifest.api!r}" in err and "'emulator'" in err

@@ -11,6 +11,7 @@ import yaml
 
 from flows.cli import main
 from flows.stages import pipeline, prepare, submit
+from schemas.settings import Settings
 from tasks.runs import layout_for, load_manifest
 from tasks.samples import support_tickets
 from tasks.storage import ObjectStore
@@ -134,7 +135,7 @@ def test_cache_maintenance_prunes_old_segments_and_merges_the_rest(
     from tasks.cache import ResultCache, cache_key, key_array
 
     job, path = job_file
-    cache = ResultCache(ObjectStore(), job.storage_root, job)
+    cache = ResultCache(ObjectStore(), job.storage_root, job, Settings.from_env().api_identity)
     now = datetime.now(UTC)
     keys = [cache_key(job.request.endpoint, str(i).encode()) for i in range(6)]
     for i, key in enumerate(keys):  # two segments 100 days old, four recent ones

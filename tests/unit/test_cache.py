@@ -9,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from schemas.job import JobSpec
+from schemas.settings import Settings
 from schemas.tables import CACHE_HITS_SCHEMA, results_schema
 from tasks.cache import (
     CacheIndex,
@@ -55,7 +56,7 @@ def test_the_key_covers_what_is_sent_and_nothing_else() -> None:
     schema = {"type": "object", "properties": {"a": {"type": "string"}}}
     other = {"type": "object", "properties": {"a": {"type": "integer"}}}
     assert key_of(job(output_schema=schema), "hi") != key_of(job(output_schema=other), "hi")
-    assert namespace(job(output_schema=schema)) != namespace(job(output_schema=other))
+    assert namespace(job(output_schema=schema), "a") != namespace(job(output_schema=other), "a")
     assert len(key_of(base, "hi")) == 16
     assert cache_key("/v1/embeddings", b"{}") != cache_key("/v1/chat/completions", b"{}")
 
@@ -70,7 +71,7 @@ def test_index_lookup_is_vectorised_and_exact_on_prefixes() -> None:
 
 def test_segments_round_trip_expire_and_prune(tmp_path: Path) -> None:
     spec = job()
-    cache = ResultCache(ObjectStore(), str(tmp_path), spec)
+    cache = ResultCache(ObjectStore(), str(tmp_path), spec, "test-api")
     schema = results_schema(spec.request)
     results = pa.Table.from_pylist(
         [{"custom_id": f"r-{i}", "attempt": 1, "batch_id": "b", "model": "gpt-4o-mini", "finish_reason": "stop",
@@ -166,7 +167,7 @@ def _collected_shard(tmp_path: Path, with_keys: bool) -> tuple[ResultCache, tupl
     results_uri = str(tmp_path / "results.parquet")
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), results_uri)
     return (
-        ResultCache(ObjectStore(), str(tmp_path / "root"), spec),
+        ResultCache(ObjectStore(), str(tmp_path / "root"), spec, "test-api"),
         (request_uri, ids_uri),
         results_uri,
     )
@@ -196,7 +197,7 @@ def test_served_entries_are_the_newest_of_each_key_a_segment_at_a_time(tmp_path:
     entry; a key that shares only its first 8 bytes with an entry is not served; each table holds
     one segment's rows."""
     spec = job()
-    cache = ResultCache(ObjectStore(), str(tmp_path), spec)
+    cache = ResultCache(ObjectStore(), str(tmp_path), spec, "test-api")
     schema = results_schema(spec.request)
 
     def results(*texts: str) -> pa.Table:
@@ -228,7 +229,7 @@ def test_the_cache_on_s3_reads_its_segments_in_order(s3_env: str) -> None:
     """Index, served entries and prune over a moto S3 server, with more segments than are read at
     once (the reads overlap; their results keep the segments' order)."""
     spec = job().model_copy(update={"storage_root": f"s3://{s3_env}/root"})
-    cache = ResultCache(ObjectStore(), spec.storage_root, spec)
+    cache = ResultCache(ObjectStore(), spec.storage_root, spec, "test-api")
     schema = results_schema(spec.request)
     keys = [cache_key("/v1/chat/completions", str(i).encode()) for i in range(20)]
     for i, key in enumerate(keys):  # one entry a segment; the even ones 10 days old
@@ -253,7 +254,7 @@ def test_compaction_merges_segments_and_serves_the_same_entries(tmp_path: Path) 
     of about three entries; the index and what is served do not change; the old segments go; a
     segment already large is left as it is. Pruning a merged segment keeps its younger entries."""
     spec = job()
-    cache = ResultCache(ObjectStore(), str(tmp_path), spec)
+    cache = ResultCache(ObjectStore(), str(tmp_path), spec, "test-api")
     schema = results_schema(spec.request)
     keys = [cache_key("/v1/chat/completions", str(i).encode()) for i in range(9)] + [b"k" * 16]
     for s in range(5):
@@ -293,7 +294,7 @@ def test_the_cache_command_compacts_a_jobs_segments(
         "output_uri: out\nstorage_root: state\n"
     )
     spec = JobSpec.from_yaml(spec_file)
-    cache = ResultCache(ObjectStore(), spec.storage_root, spec)
+    cache = ResultCache(ObjectStore(), spec.storage_root, spec, Settings.from_env().api_identity)
     row = {"custom_id": "r", "attempt": 1, "response_text": "x"}
     for s in range(4):
         key = cache_key("/v1/chat/completions", str(s).encode())
@@ -323,7 +324,7 @@ def test_served_entries_survive_a_compaction_between_their_reads(
     import tasks.cache
 
     monkeypatch.setattr(tasks.cache, "SEGMENT_READERS", 1)  # one segment read ahead
-    cache = ResultCache(ObjectStore(), str(tmp_path), job())
+    cache = ResultCache(ObjectStore(), str(tmp_path), job(), "test-api")
     keys = _one_entry_segments(cache, 6)
     hits = pa.table({"custom_id": [f"h{i}" for i in range(6)], "cache_key": key_array(keys)})
     tables = cache.served_entries(hits, None, NOW)
@@ -339,7 +340,7 @@ def test_the_index_survives_a_segment_pruned_while_it_is_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = ObjectStore()
-    cache = ResultCache(store, str(tmp_path), job())
+    cache = ResultCache(store, str(tmp_path), job(), "test-api")
     keys = _one_entry_segments(cache, 4)
     read_table = store.read_table
     pruned: list[str] = []
@@ -353,3 +354,23 @@ def test_the_index_survives_a_segment_pruned_while_it_is_read(
     monkeypatch.setattr(store, "read_table", read_while_pruning)
     index = cache.index(None, NOW)
     assert len(index) == 3 and index.contains(keys).tolist() == [True, True, True, False]
+
+
+def test_api_identities_are_stable_names_of_base_urls() -> None:
+    from schemas.lineage import api_identity
+
+    assert api_identity(None) == "api.openai.com"
+    assert api_identity("https://api.openai.com/v1") == "api.openai.com"
+    assert api_identity("https://api.openai.com/v1/") == "api.openai.com"
+    assert (
+        api_identity("https://MyRes.openai.azure.com/openai/v1") == "myres.openai.azure.com/openai"
+    )
+    assert api_identity("http://127.0.0.1:8089/v1") == "127.0.0.1:8089"
+    assert api_identity("https://llm.example.com:443/v1") == "llm.example.com"
+    assert api_identity("http://127.0.0.1:8089/v1") != api_identity("http://127.0.0.1:8090/v1")
+
+
+def test_each_api_has_its_own_cache_namespace() -> None:
+    spec = job()
+    assert namespace(spec, "emulator") != namespace(spec, "api.openai.com")
+    assert namespace(spec, "emulator").startswith("emulator--gpt-4o-mini-")
