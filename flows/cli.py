@@ -318,9 +318,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from pydantic import ValidationError
 
+    from schemas.rundate import RunDateError
     from tasks.errors import NightbatchError
 
     try:
+        if getattr(args, "run_date", None):  # one spelling per day, checked before anything starts
+            from schemas.rundate import parse_run_date
+
+            args.run_date = parse_run_date(args.run_date)
         commands = {
             "run": cmd_run, "resume": cmd_run, "retry": cmd_retry, "abandon": cmd_abandon,
             "status": cmd_status, "costs": cmd_costs, "cache": cmd_cache, "demo": cmd_demo, "samples": cmd_samples,
@@ -328,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except NightbatchError as exc:
         print(f"nightbatch: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except RunDateError as exc:
+        print(f"nightbatch: {exc}", file=sys.stderr)
         return 2
     except ValidationError as exc:
         print(f"nightbatch: the job spec is not valid:\n{exc}", file=sys.stderr)

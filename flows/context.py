@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import functools
+import os
 from datetime import UTC, datetime
 
 import openai
 
 from schemas.job import JobSpec
+from schemas.rundate import RunDateError, parse_run_date, run_date_at
 from schemas.settings import Settings
 from tasks.batch_api import BatchApi
-from tasks.errors import TerminalError
+from tasks.errors import BadInputError, TerminalError
 from tasks.storage import ObjectStore
 
 
@@ -19,20 +21,35 @@ def resolve_job(job: JobSpec | str) -> JobSpec:
     return job if isinstance(job, JobSpec) else JobSpec.from_yaml(job)
 
 
-def resolve_run_date(run_date: str | None) -> str:
-    """The run's logical date: given, else the scheduled start date of this flow run, else today (UTC)."""
-    if run_date:
-        datetime.strptime(run_date, "%Y-%m-%d")
-        return run_date
+def resolve_run_date(run_date: str | None, timezone: str | None = None) -> str:
+    """The run's logical date: given (strictly YYYY-MM-DD), else the date of this flow run's
+    scheduled start in its schedule's timezone (else `timezone`, else NIGHTBATCH_RUN_DATE_TIMEZONE,
+    default UTC), else today there."""
     try:
-        from prefect.runtime import flow_run
+        if run_date:
+            return parse_run_date(run_date)
+        fallback = timezone or os.environ.get("NIGHTBATCH_RUN_DATE_TIMEZONE") or "UTC"
+        scheduled, schedule_timezone = _scheduled_start()
+        return run_date_at(scheduled or datetime.now(UTC), schedule_timezone or fallback)
+    except RunDateError as exc:
+        raise BadInputError(str(exc)) from None
 
-        scheduled = flow_run.scheduled_start_time
-        if scheduled is not None:
-            return scheduled.strftime("%Y-%m-%d")
-    except Exception:  # noqa: BLE001 - outside a flow run
-        pass
-    return datetime.now(UTC).strftime("%Y-%m-%d")
+
+def _scheduled_start() -> tuple[datetime | None, str | None]:
+    """This flow run's expected start and, for a deployment run, its schedule's timezone."""
+    from prefect.runtime import deployment, flow_run
+
+    if not flow_run.id:
+        return None, None
+    scheduled = flow_run.scheduled_start_time
+    if not deployment.id:
+        return scheduled, None
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        schedules = client.read_deployment(deployment.id).schedules or []
+    zones = [getattr(s.schedule, "timezone", None) for s in schedules]
+    return scheduled, next((z for z in zones if z), None)
 
 
 def build_store(settings: Settings) -> ObjectStore:

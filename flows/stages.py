@@ -35,7 +35,7 @@ from tasks import transitions as tr
 from tasks.advance import next_step
 from tasks.batch_api import BatchApi
 from tasks.cache import ResultCache
-from tasks.errors import TerminalError
+from tasks.errors import NightbatchError, TerminalError
 from tasks.runs import layout_for, load_manifest, refresh_job, update_manifest, utc_now
 from tasks.storage import ObjectStore
 
@@ -54,7 +54,11 @@ def _job_name() -> str | None:
 
 def _run_name(stage: str) -> Any:
     def name() -> str:
-        run_date = resolve_run_date(flow_run.parameters.get("run_date"))
+        given = flow_run.parameters.get("run_date")
+        try:
+            run_date = resolve_run_date(given)
+        except NightbatchError:  # the flow itself says what is wrong with it
+            run_date = str(given)
         return f"{stage}-{_job_name()}-{run_date}"
 
     return name
