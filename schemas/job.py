@@ -92,6 +92,11 @@ class RequestSpec(_Strict):
                 raise ValueError(
                     "output_schema must be a JSON schema of type 'object' with 'properties'"
                 )
+            problem = _schema_problem(self.output_schema)
+            if problem:
+                raise ValueError(
+                    f"output_schema is not a valid JSON Schema ({problem}); fix it there"
+                )
         return self
 
     def template_fields(self) -> list[str]:
@@ -199,3 +204,15 @@ def _resolve_relative(uri: str, base: Path) -> str:
     if "://" in uri or Path(uri).is_absolute():
         return uri
     return str((base / uri).resolve())
+
+
+def _schema_problem(schema: dict[str, Any]) -> str | None:
+    """Why a JSON Schema is not valid against the Draft 2020-12 meta-schema, with where."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import best_match
+
+    error = best_match(Draft202012Validator(Draft202012Validator.META_SCHEMA).iter_errors(schema))
+    if error is None:
+        return None
+    where = "/".join(str(p) for p in error.absolute_path) or "the schema"
+    return f"{where}: {error.message}"

@@ -37,8 +37,15 @@ def arrow_type_for(schema: dict[str, Any]) -> pa.DataType:
         return pa.bool_()
     if kind == "array":
         item = schema.get("items", {})
-        return pa.list_(arrow_type_for(item) if isinstance(item, dict) else pa.string())
-    return pa.string()  # objects, unions: JSON text
+        item_type = arrow_type_for(item) if isinstance(item, dict) else None
+        scalar = isinstance(item, dict) and item.get("type") in (
+            "string",
+            "integer",
+            "number",
+            "boolean",
+        )
+        return pa.list_(item_type) if scalar and item_type is not None else pa.string()
+    return pa.string()  # objects, unions, arrays of objects or arrays: JSON text
 
 
 def output_fields(request: RequestSpec) -> list[pa.Field]:

@@ -28,6 +28,7 @@ import pyarrow.json as pj
 from schemas.job import RequestSpec
 from schemas.tables import output_fields, results_schema
 from tasks.costing import usage_from_body
+from tasks.outputschema import OutputSchema
 
 RETRYABLE_NON_HTTP = {"request_timeout", "batch_expired", "batch_cancelled"}
 PERMANENT_429_CODES = {"insufficient_quota"}
@@ -114,6 +115,7 @@ class LineParser:
         if request.output_schema:
             self.required = set(request.output_schema["properties"])  # strict mode: all required
         self.schema = results_schema(request)
+        self.output = OutputSchema(request.output_schema) if request.output_schema else None
         self.line_schema = _LINE_SCHEMAS.get(self.endpoint)
 
     def parse(self, line: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -190,6 +192,9 @@ class LineParser:
         missing = self.required - set(obj)
         if missing:
             raise InvalidOutput(f"structured output lacks {sorted(missing)}")
+        problem = self.output.first_error(obj) if self.output is not None else None
+        if problem is not None:
+            raise InvalidOutput(f"structured output does not match the schema: {problem}")
         return {f.name: _check_value(f.name, obj.get(f.name), f.type) for f in self.fields}
 
     def _error(
@@ -336,6 +341,8 @@ class LineParser:
         from `parse` (a key absent or null, a type to coerce, not valid JSON) is left out, to go
         through `parse`."""
         candidate = _mask(pc.starts_with(texts, "{")) & ~_mask(pc.match_substring(texts, "\n"))
+        if self.output is not None and not self.output.columnar:
+            return self._structured_columns_by_row(texts)  # nested: the validator sees each
         rows = np.flatnonzero(candidate)
         if not len(rows):
             return candidate, {f.name: pa.array([], f.type) for f in self.fields}
@@ -355,6 +362,9 @@ class LineParser:
         complete = np.ones(len(rows), bool)
         for column in table.columns:
             complete &= ~_mask(pc.is_null(column))  # absent or null: let `parse` decide
+        if self.output is not None:  # enum and bounds, column by column; breaking rows: `parse`
+            columns = {f.name: table.column(f.name).chunk(0) for f in self.fields}
+            complete &= ~self.output.column_violations(columns, len(rows))
         candidate[rows[~complete]] = False
         keep = pa.array(complete)
         return candidate, {f.name: table.column(f.name).chunk(0).filter(keep) for f in self.fields}
