@@ -64,6 +64,7 @@ def _print_summary(result: dict[str, Any], cost_uri: str | None) -> None:
             f"  cost          : ${batch:.6f} at batch prices (standard ${standard:.6f}, saved ${standard - batch:.6f})"
         )
     print(f"  output        : {result['output']}")
+    print(f"  dead letter   : {result.get('dead_letter')}")
     print(f"  cost record   : {cost_uri}")
 
 
@@ -85,8 +86,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     job = JobSpec.from_yaml(args.job)
     with _maybe_emulator(args):
-        result = pipeline(job, run_date=args.run_date, poll_interval_seconds=args.poll_interval)
+        state = pipeline(
+            job, run_date=args.run_date, poll_interval_seconds=args.poll_interval, return_state=True
+        )
+    from tasks.errors import RunWentBadlyError
+
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, RunWentBadlyError):
+        result = result.summary
+    if not isinstance(result, dict):  # failed before loading: raise what stopped it
+        state.result()
+        raise AssertionError("unreachable")
     _print_summary(result, result.get("cost_record"))
+    if result.get("went_badly"):
+        print(f"\nnightbatch: the run went badly: {result['went_badly']}", file=sys.stderr)
+        print(f"  dead letter   : {result['dead_letter']}", file=sys.stderr)
+        return 3
     return 0
 
 

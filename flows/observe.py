@@ -156,6 +156,10 @@ def publish_loaded(manifest: RunManifest, records: list[dict[str, Any]]) -> None
             "run_id": manifest.run_id,
             "rows": manifest.rows_selected,
             "dead_lettered": manifest.dead_lettered,
+            "dead_letter_fraction": manifest.dead_lettered / manifest.rows_selected
+            if manifest.rows_selected
+            else 0.0,
+            "went_badly": manifest.went_badly,
             "cost_batch_usd": cost,
             "savings_usd": sum(r["savings_usd"] for r in records),
             "over_budget": bool(
@@ -204,18 +208,6 @@ def over_budget(manifest: RunManifest) -> None:
             "max_cost_usd": manifest.job.limits.max_cost_usd,
         },
     )
-
-
-def name_flow_run(name: str) -> None:
-    """Rename the current flow run (to name the attempt, which is known only once the manifest is
-    read); nothing outside a flow run."""
-    from prefect.client.orchestration import get_client
-    from prefect.runtime import flow_run
-
-    if not flow_run.id:
-        return
-    with get_client(sync_client=True) as client:
-        client.update_flow_run(flow_run.id, name=name)
 
 
 def publish_progress(manifest: RunManifest) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import tempfile
 import time
+from collections import Counter
 from datetime import UTC, datetime
 
 from prefect import get_run_logger
@@ -412,12 +413,17 @@ def load_stage(manifest: RunManifest, store: ObjectStore) -> RunManifest:
         notes.append(
             f"{loaded.rows_not_in_run} source rows appeared after prepare and are not in this run"
         )
+    reasons: dict[str, int] = {}
+    if loaded.rows_dead_lettered:
+        codes = store.read_table(loaded.dead_letter_uri, columns=["code"]).column(0).to_pylist()
+        reasons = dict(Counter(str(c) for c in codes))
     loaded_fields = {
         "output_file_uri": loaded.output_uri,
         "dead_letter_uri": loaded.dead_letter_uri,
         "cost_record_uri": layout.cost_record,
         "dead_lettered": loaded.rows_dead_lettered,
         "notes": notes,
+        "went_badly": tr.dead_letter_verdict(manifest, loaded.rows_dead_lettered, reasons),
     }
 
     def mark(m: RunManifest) -> RunManifest:
@@ -432,4 +438,6 @@ def load_stage(manifest: RunManifest, store: ObjectStore) -> RunManifest:
         sum(r["cost_batch_usd"] for r in records), sum(r["cost_standard_usd"] for r in records),
         sum(r["savings_usd"] for r in records),
     )  # fmt: skip
+    if manifest.went_badly:
+        logger.error("run %s went badly: %s (%s)", manifest.run_id, manifest.went_badly, manifest.dead_letter_uri)  # fmt: skip
     return manifest

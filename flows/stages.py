@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import observe
@@ -35,8 +36,15 @@ from tasks import transitions as tr
 from tasks.advance import next_step
 from tasks.batch_api import BatchApi
 from tasks.cache import ResultCache
-from tasks.errors import NightbatchError, TerminalError
-from tasks.runs import layout_for, load_manifest, refresh_job, update_manifest, utc_now
+from tasks.errors import NightbatchError, RunWentBadlyError, TerminalError
+from tasks.runs import (
+    find_manifest,
+    layout_for,
+    load_manifest,
+    refresh_job,
+    update_manifest,
+    utc_now,
+)
 from tasks.storage import ObjectStore
 
 TASK_RUNNER: Any = ThreadPoolTaskRunner(max_workers=4)
@@ -52,32 +60,49 @@ def _job_name() -> str | None:
     return job_name
 
 
-def _run_name(stage: str) -> Any:
+def _run_name(stage: str, attempt: bool = False) -> Any:
+    """`{stage}-{job}-{run_date}`, and `-a{attempt}` for stages that work on an existing run (read
+    from its manifest: the name is right from the flow run's first log line)."""
+
     def name() -> str:
         given = flow_run.parameters.get("run_date")
         try:
             run_date = resolve_run_date(given)
         except NightbatchError:  # the flow itself says what is wrong with it
-            run_date = str(given)
-        return f"{stage}-{_job_name()}-{run_date}"
+            return f"{stage}-{_job_name()}-{given}"
+        base = f"{stage}-{_job_name()}-{run_date}"
+        if not attempt:
+            return base
+        try:
+            spec = resolve_job(flow_run.parameters["job"])
+            store = build_store(Settings.from_env())
+            manifest = find_manifest(store, layout_for(spec, run_date))
+        except Exception:  # noqa: BLE001 - a name is not worth failing the run for
+            return base
+        return f"{base}-a{manifest.current_attempt if manifest else 1}"
 
     return name
 
 
-def open_run(
-    job: JobSpec | str, run_date: str | None, stage: str | None = None
-) -> tuple[Settings, ObjectStore, RunManifest]:
-    """Settings, storage and the manifest of an existing run, with the current job spec applied;
-    the flow run is renamed after the stage, job, date and attempt (`collect-<job>-<date>-a2`)."""
+def open_run(job: JobSpec | str, run_date: str | None) -> tuple[Settings, ObjectStore, RunManifest]:
+    """Settings, storage and the manifest of an existing run, with the current job spec applied."""
     spec, date = resolve_job(job), resolve_run_date(run_date)
     settings = Settings.from_env()
     store = build_store(settings)
     manifest = check_api(
         refresh_job(load_manifest(store, layout_for(spec, date)), spec), settings.api_identity
     )
-    if stage is not None:
-        observe.name_flow_run(f"{stage}-{manifest.job_name}-{date}-a{manifest.current_attempt}")
     return settings, store, manifest
+
+
+def outcome(manifest: RunManifest) -> Any:
+    """A flow's return: the run's summary, as a Failed state when the run loaded but went badly
+    (too many dead letters), so that Prefect shows it failed and the CLI exits 3."""
+    result = summary(manifest)
+    if manifest.status == "loaded" and manifest.went_badly:
+        message = f"run {manifest.run_id} went badly: {manifest.went_badly}"
+        return Failed(message=message, data=RunWentBadlyError(message, result))
+    return result
 
 
 def summary(manifest: RunManifest) -> dict[str, Any]:
@@ -88,6 +113,8 @@ def summary(manifest: RunManifest) -> dict[str, Any]:
         "shards": observe.shard_states(manifest),
         "output": manifest.output_file_uri,
         "cost_record": manifest.cost_record_uri,
+        "dead_letter": manifest.dead_letter_uri,
+        "went_badly": manifest.went_badly,
     }
 
 
@@ -153,10 +180,11 @@ def _chained(
 ) -> dict[str, Any]:
     """A stage flow's body: open the run, do the stage's own step, then (with `continue_run`)
     advance the run as far as it goes now."""
-    settings, store, manifest = open_run(job, run_date, stage)
+    settings, store, manifest = open_run(job, run_date)
     api = build_batch_api(settings)
     if continue_run:
         manifest = advance_run(manifest, store, api, settings, settings.chain_wait_seconds)
+        return outcome(manifest)
     elif stage == "submit":
         manifest = submit_stage(manifest, store, api, settings)
     elif stage == "collect":
@@ -183,7 +211,7 @@ def prepare(job: JobSpec | str, run_date: str | None = None) -> dict[str, Any]:
     return summary(prepare_stage(spec, date, build_store(settings), settings.api_identity))
 
 
-@flow(name="submit", flow_run_name=_run_name("submit"), task_runner=TASK_RUNNER)
+@flow(name="submit", flow_run_name=_run_name("submit", attempt=True), task_runner=TASK_RUNNER)
 def submit(
     job: JobSpec | str, run_date: str | None = None, continue_run: bool = True
 ) -> dict[str, Any]:
@@ -201,7 +229,7 @@ def submit(
     return _chained("submit", job, run_date, continue_run)
 
 
-@flow(name="wait", flow_run_name=_run_name("wait"), task_runner=TASK_RUNNER)
+@flow(name="wait", flow_run_name=_run_name("wait", attempt=True), task_runner=TASK_RUNNER)
 def wait(job: JobSpec | str, run_date: str | None = None) -> dict[str, Any]:
     """Check each open batch once and record its status (no sleeping loop).
 
@@ -210,14 +238,14 @@ def wait(job: JobSpec | str, run_date: str | None = None) -> dict[str, Any]:
             spec itself as a mapping.
         run_date: The run's logical date, YYYY-MM-DD (default: the flow run's scheduled date).
     """
-    settings, store, manifest = open_run(job, run_date, "wait")
+    settings, store, manifest = open_run(job, run_date)
     api = build_batch_api(settings)
     manifest = poll_stage(manifest, store, api, settings.expiry_grace_seconds)
     observe.publish_progress(manifest)
     return summary(manifest)
 
 
-@flow(name="collect", flow_run_name=_run_name("collect"), task_runner=TASK_RUNNER)
+@flow(name="collect", flow_run_name=_run_name("collect", attempt=True), task_runner=TASK_RUNNER)
 def collect(
     job: JobSpec | str, run_date: str | None = None, continue_run: bool = True
 ) -> dict[str, Any]:
@@ -235,7 +263,11 @@ def collect(
     return _chained("collect", job, run_date, continue_run)
 
 
-@flow(name="retry-failures", flow_run_name=_run_name("retry-failures"), task_runner=TASK_RUNNER)
+@flow(
+    name="retry-failures",
+    flow_run_name=_run_name("retry-failures", attempt=True),
+    task_runner=TASK_RUNNER,
+)
 def retry_failures(
     job: JobSpec | str, run_date: str | None = None, continue_run: bool = True
 ) -> dict[str, Any]:
@@ -253,7 +285,7 @@ def retry_failures(
     return _chained("retry-failures", job, run_date, continue_run)
 
 
-@flow(name="load", flow_run_name=_run_name("load"), task_runner=TASK_RUNNER)
+@flow(name="load", flow_run_name=_run_name("load", attempt=True), task_runner=TASK_RUNNER)
 def load(job: JobSpec | str, run_date: str | None = None) -> dict[str, Any]:
     """Write the enriched rows and the dead letter atomically, then the cost record (last).
 
@@ -262,8 +294,8 @@ def load(job: JobSpec | str, run_date: str | None = None) -> dict[str, Any]:
             spec itself as a mapping.
         run_date: The run's logical date, YYYY-MM-DD (default: the flow run's scheduled date).
     """
-    _, store, manifest = open_run(job, run_date, "load")
-    return summary(load_stage(manifest, store))
+    _, store, manifest = open_run(job, run_date)
+    return outcome(load_stage(manifest, store))
 
 
 # ---- operator actions ----------------------------------------------------------------------------
@@ -372,7 +404,7 @@ def pipeline(
     manifest = prepare_stage(spec, date, store, settings.api_identity)
     if manifest.status == "loaded":
         get_run_logger().info("run %s is already loaded; nothing to do", manifest.run_id)
-        return summary(manifest)
+        return outcome(manifest)
     if manifest.status == "abandoned":
         raise TerminalError(
             f"run {manifest.run_id} was abandoned ({'; '.join(manifest.notes[-1:])}); "
@@ -386,4 +418,4 @@ def pipeline(
             f"run {manifest.run_id} is not finished ({next_step(manifest, time.time())}: "
             f"{observe.shard_states(manifest)}); rerun to resume"
         )
-    return summary(manifest)
+    return outcome(manifest)

@@ -127,6 +127,13 @@ class Limits(_Strict):
         "submit flow run in Prefect until an operator approves (or rejects) it",
     )
     approval_timeout_seconds: int = Field(default=6 * 3600, ge=60)
+    max_dead_letter_fraction: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="Above this share of the run's rows in the dead letter, the run still loads "
+        "what succeeded but ends Failed (`nightbatch run` exits 3)",
+    )
     max_enqueued_tokens: int | None = Field(
         default=None,
         ge=1,

@@ -133,6 +133,7 @@ class RunManifest(BaseModel):
     approval: Approval | None = None
     stray_batches: list[StrayBatch] = Field(default_factory=list)
     notes: list[str] = Field(default_factory=list)
+    went_badly: str | None = None  # loaded, but with more dead letters than the job allows
 
     def shard(self, shard_id: str) -> Shard:
         for shard in self.shards:

@@ -13,6 +13,7 @@ exceptions. Exceptions are for what stops a stage:
         ├── InvalidTransitionError  a manifest transition from the wrong state
         ├── RunNotFoundError    no manifest for the run
         ├── LeaseLostError      another process holds the submit lease of a shard: leave it to them
+        ├── RunWentBadlyError   loaded, but with more dead letters than limits.max_dead_letter_fraction
         └── BatchApiError       the Batch API refused a request (400/401/404/409...)
 """
 
@@ -62,6 +63,15 @@ class InvalidTransitionError(TerminalError):
 
 class RunNotFoundError(TerminalError):
     """There is no manifest for the requested run."""
+
+
+class RunWentBadlyError(TerminalError):
+    """The run loaded what succeeded, but more of its rows are in the dead letter than the job
+    allows (limits.max_dead_letter_fraction). Carries the run's summary."""
+
+    def __init__(self, message: str, summary: dict[str, object]) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
 class LeaseLostError(TerminalError):

@@ -172,6 +172,21 @@ def mark_loaded(manifest: RunManifest, now: str, **extra: Any) -> RunManifest:
     )
 
 
+def dead_letter_verdict(
+    manifest: RunManifest, dead_lettered: int, reasons: dict[str, int]
+) -> str | None:
+    """Why a loaded run went badly (its dead-letter share is above the job's limit), or None."""
+    rows = manifest.rows_selected
+    limit = manifest.job.limits.max_dead_letter_fraction
+    if rows == 0 or dead_lettered / rows <= limit:
+        return None
+    top = ", ".join(f"{code} {n}" for code, n in sorted(reasons.items(), key=lambda kv: -kv[1])[:5])
+    return (
+        f"{dead_lettered} of {rows} rows ({100 * dead_lettered / rows:.1f}%) are in the dead letter, "
+        f"above limits.max_dead_letter_fraction = {100 * limit:g}%; top reasons: {top or 'none'}"
+    )
+
+
 def is_overdue(status: str, expires_at: int | None, now_epoch: float, grace_seconds: float) -> bool:
     """A batch still open past its expires_at plus a grace period is to be cancelled."""
     if status in TERMINAL_BATCH_STATUSES or status == "cancelling" or expires_at is None:

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.stages import pipeline, prepare, submit
+from tasks.errors import RunWentBadlyError
 from tasks.runs import layout_for, load_manifest
 from tasks.samples import support_tickets
 from tasks.storage import ObjectStore
@@ -34,7 +35,13 @@ def source(tmp_path: Path) -> Path:
 
 
 def run(job: Any) -> dict[str, Any]:
-    return pipeline(job, run_date=RUN_DATE, poll_interval_seconds=0.1)
+    """The run's summary, and whether the flow run ended Failed (a loaded run that went badly)."""
+    state = pipeline(job, run_date=RUN_DATE, poll_interval_seconds=0.1, return_state=True)
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, RunWentBadlyError):
+        result = result.summary
+    assert isinstance(result, dict), result
+    return {**result, "failed": state.is_failed()}
 
 
 def test_random_429_and_500_lines_are_retried_until_they_succeed(
@@ -145,9 +152,12 @@ def test_a_batch_that_fails_validation_is_surfaced_and_dead_lettered(
 ) -> None:
     emulator.configure(models=["gpt-5"])  # the job's model is "not supported by the Batch API"
     job = chat_job(source, tmp_path, limits={"max_lines_per_shard": 100})
-    run(job)
+    result = run(job)
     _, dead = assert_every_row_exactly_once(job, RUN_DATE, IDS)
     assert dead.num_rows == ROWS
+    assert result["failed"] and result["status"] == "loaded"  # loaded, and it says it went badly
+    assert f"{ROWS} of {ROWS} rows (100.0%) are in the dead letter" in result["went_badly"]
+    assert "model_not_found" in result["went_badly"]
     assert set(dead.column("code").to_pylist()) == {"model_not_found"}
     assert "not supported by the Batch API" in dead.column("message")[0].as_py()
     assert set(dead.column("reason").to_pylist()) == {"permanent_error"}
@@ -240,9 +250,10 @@ def test_emulator_restart_mid_run_loses_nothing(
     from emulator.server import EmulatorServer
 
     emulator.configure(lines_per_second=50.0)
+    monkeypatch.setenv("NIGHTBATCH_API_IDENTITY", "test-emulator")  # the same API on a new port
     job = chat_job(source, tmp_path)
     prepare(job, RUN_DATE)
-    submit(job, RUN_DATE)
+    submit(job, RUN_DATE, continue_run=False)
     state_dir = tmp_path / "emulator-state"
     emulator.stop()
     with EmulatorServer(state_dir) as restarted:
@@ -253,3 +264,28 @@ def test_emulator_restart_mid_run_loses_nothing(
         stats = restarted.stats()
         assert stats["batches"]["created"] == 3
         assert_one_batch_per_shard_attempt(stats)
+
+
+def test_a_run_that_went_badly_loads_what_succeeded_and_exits_3(
+    tmp_path: Path, source: Path, emulator: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Above limits.max_dead_letter_fraction the succeeded rows are still loaded, but the CLI
+    exits 3 with the dead letter's path and its top reasons (not 0 with a quiet `enriched: 0`)."""
+    import yaml
+
+    from flows.cli import main
+
+    failing = {f"r-T-{i:06d}": "context_length_exceeded" for i in range(1, 13)}  # 12 of 100
+    emulator.configure(faults={"forced_line_failures": failing})
+    job = chat_job(source, tmp_path, limits={"max_dead_letter_fraction": 0.1})
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job.model_dump(mode="json")))
+
+    code = main(["run", str(job_file), "--run-date", RUN_DATE, "--poll-interval", "0.1"])
+
+    err = capsys.readouterr().err
+    assert code == 3
+    output, dead = assert_every_row_exactly_once(job, RUN_DATE, IDS)
+    assert dead.num_rows == 12 and output.num_rows == ROWS - 12
+    assert "12 of 100 rows (12.0%) are in the dead letter" in err
+    assert "context_length_exceeded 12" in err and "dead_letter.parquet" in err
