@@ -22,6 +22,7 @@ from tasks.storage import ObjectStore
 from tasks.tokens import count_requests_tokens
 
 FREE_RETRY_CODES = {"token_limit_exceeded"}  # the batch never ran: no attempt used
+MAX_FREE_RETRIES = 10  # after this many free requeues of a row, each further one uses an attempt
 
 
 @dataclass
@@ -40,12 +41,15 @@ class RetryPlan:
 def plan_retries(errors: pa.Table, succeeded: set[str], max_attempts: int) -> RetryPlan:
     """Decide, from every error row of every attempt, which rows get another attempt."""
     attempts_used: dict[str, int] = defaultdict(int)
+    free_used: dict[str, int] = defaultdict(int)
     latest: dict[str, dict] = {}
     for row in errors.select(["custom_id", "attempt", "batch_id", "code", "retryable"]).to_pylist():
         cid = row["custom_id"]
         if cid in succeeded:
             continue
-        if row["code"] not in FREE_RETRY_CODES:
+        if row["code"] in FREE_RETRY_CODES and free_used[cid] < MAX_FREE_RETRIES:
+            free_used[cid] += 1  # bounded: a queue that never has room must not loop for ever
+        else:
             attempts_used[cid] += 1
         if cid not in latest or row["attempt"] >= latest[cid]["attempt"]:
             latest[cid] = row

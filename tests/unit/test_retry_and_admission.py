@@ -54,6 +54,14 @@ def test_token_limit_refusals_do_not_use_up_attempts() -> None:
     assert plan.by_source_shard == {"b3": {"a"}}
 
 
+def test_free_requeues_are_bounded() -> None:
+    """Ten refusals for the queue limit are free; from the eleventh on each uses an attempt."""
+    refusals = [("a", n, f"b{n}", "token_limit_exceeded", True) for n in range(1, 12)]
+    assert plan_retries(errors(*refusals[:10]), set(), max_attempts=1).rows == 1
+    plan = plan_retries(errors(*refusals), set(), max_attempts=1)
+    assert plan.rows == 0 and plan.exhausted == 1
+
+
 def _shard(
     i: int,
     tokens: int,
