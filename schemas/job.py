@@ -92,6 +92,12 @@ class RequestSpec(_Strict):
                 raise ValueError(
                     "output_schema must be a JSON schema of type 'object' with 'properties'"
                 )
+            lineage = sorted(n for n in self.output_schema["properties"] if n.startswith("nb_"))
+            if lineage:
+                raise ValueError(
+                    f"output_schema properties {lineage} collide with nightbatch's lineage "
+                    "columns (nb_*) in the output table; rename them"
+                )
             problem = _schema_problem(self.output_schema)
             if problem:
                 raise ValueError(
@@ -191,6 +197,19 @@ class JobSpec(_Strict):
     price_table_path: str | None = Field(
         default=None, description="A local YAML price file extending the shipped table"
     )
+
+    @model_validator(mode="after")
+    def _output_apart_from_source(self) -> JobSpec:
+        """Output written into the source would be read back as source rows the next night."""
+        source = self.source.uri.rstrip("/")
+        output = self.output_uri.rstrip("/")
+        if output == source or output.startswith(source + "/") or source.startswith(output + "/"):
+            raise ValueError(
+                f"output_uri {self.output_uri!r} and source.uri {self.source.uri!r} overlap: the "
+                "enriched table would land in the source dataset (or the source in the output). "
+                "Give output_uri a location of its own."
+            )
+        return self
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> JobSpec:

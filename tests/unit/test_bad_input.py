@@ -111,3 +111,37 @@ def test_nothing_is_written_to_the_run_on_bad_input(tmp_path: Path) -> None:
     with pytest.raises(BadInputError):
         prepare(make_job(tmp_path))
     assert not (tmp_path / "state" / "runs" / "bad-input" / "2026-11-24" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("source", "output"),
+    [
+        ("/data/tickets", "/data/tickets"),
+        ("/data/tickets/", "/data/tickets/enriched"),
+        ("s3://b/tickets", "s3://b/tickets/out"),
+        ("/data/out/tickets", "/data/out"),
+    ],
+)
+def test_output_inside_the_source_is_refused(source: str, output: str) -> None:
+    from pydantic import ValidationError
+
+    from schemas.job import JobSpec
+
+    spec = {
+        "name": "j", "source": {"uri": source, "id_column": "id"},
+        "request": {"model": "gpt-4o-mini", "template": "{t}"},
+        "output_uri": output, "storage_root": "/state",
+    }  # fmt: skip
+    with pytest.raises(ValidationError, match="overlap"):
+        JobSpec.model_validate(spec)
+    JobSpec.model_validate(spec | {"output_uri": "/elsewhere/enriched"})
+
+
+def test_output_schema_properties_may_not_take_lineage_names() -> None:
+    from pydantic import ValidationError
+
+    from schemas.job import RequestSpec
+
+    schema = {"type": "object", "properties": {"nb_status": {"type": "string"}}}
+    with pytest.raises(ValidationError, match=r"\['nb_status'\] collide with nightbatch's lineage"):
+        RequestSpec(model="gpt-4o-mini", template="{t}", output_schema=schema)
