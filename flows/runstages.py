@@ -6,7 +6,6 @@ The `@flow` wrappers are in flows/stages.py."""
 from __future__ import annotations
 
 import functools
-import tempfile
 import time
 from collections import Counter
 from datetime import UTC, datetime
@@ -14,40 +13,29 @@ from datetime import UTC, datetime
 from prefect import get_run_logger
 
 from flows import observe
-from flows.approval import request_approval
+from flows.reconciling import count_stray_usage
 from schemas.job import JobSpec
-from schemas.manifest import TERMINAL_BATCH_STATUSES, RunManifest
-from schemas.settings import Settings
+from schemas.manifest import RunManifest
 from tasks import transitions as tr
-from tasks.admission import admit, queue_state
 from tasks.batch_api import BatchApi
 from tasks.cache import CacheWrite, ResultCache
-from tasks.costrecord import check_budget, cost_records, estimate_cost
+from tasks.costrecord import cost_records, estimate_cost
 from tasks.costreport import past_output_mean
 from tasks.crashpoints import crash_point
 from tasks.errors import (
     BadInputError,
-    BudgetExceededError,
-    LeaseLostError,
     TerminalError,
     WriteConflictError,
 )
-from tasks.leases import new_owner, owner_is_gone
 from tasks.load import cost_table, run_billing, succeeded_ids_and_errors, write_output
 from tasks.reconcile import (
-    add_usage,
-    billed_usage_of_lines,
     open_strays,
-    run_metadata_filter,
-    strays_of,
-    uncounted_strays,
     with_stray,
 )
 from tasks.retry import plan_retries, write_retry_shards
 from tasks.runs import (
     find_manifest,
     layout_for,
-    list_manifests,
     load_manifest,
     manifest_layout,
     new_manifest,
@@ -56,7 +44,7 @@ from tasks.runs import (
     update_manifest,
     utc_now,
 )
-from tasks.steps import collect_shard_task, poll_batches_task, submit_shard_task, write_shards_task
+from tasks.steps import collect_shard_task, poll_batches_task, write_shards_task
 from tasks.storage import ObjectStore
 
 # ---- prepare -------------------------------------------------------------------------------------
@@ -117,97 +105,6 @@ def check_api(manifest: RunManifest, api: str) -> RunManifest:
     return manifest
 
 
-# ---- submit --------------------------------------------------------------------------------------
-
-
-def submit_stage(
-    manifest: RunManifest, store: ObjectStore, api: BatchApi, settings: Settings
-) -> RunManifest:
-    """Take the submit lease of every shard that may be submitted now (prepared and admitted to the
-    queue, or `submitting` with a free lease), then submit those, and only those."""
-    logger = get_run_logger()
-    job = manifest.job
-    try:
-        check_budget(manifest)
-    except BudgetExceededError as exc:
-        observe.over_budget(manifest)
-        if job.limits.over_budget != "wait_for_approval":
-            raise
-        approved = request_approval(manifest, store, str(exc))
-        if approved is None:
-            return manifest
-        manifest = approved
-    owner, lease = new_owner(), settings.submit_lease_seconds
-    queue = queue_state(
-        list_manifests(store, job.storage_root), job.request.model, datetime.now(UTC)
-    )
-
-    def claim(m: RunManifest) -> RunManifest:
-        now, now_epoch = utc_now(), time.time()
-        prepared = [s for s in m.shards if s.state == "prepared"]
-        admitted = admit(prepared, queue, job.limits.max_enqueued_tokens)
-        gone = {
-            s.shard_id: owner_is_gone(s.submit_owner) for s in m.shards if s.state == "submitting"
-        }
-        free = [s for s in m.shards if s.shard_id in gone and tr.lease_is_free(s, now_epoch, gone[s.shard_id])]  # fmt: skip
-        take = functools.partial(tr.start_submit, now=now, owner=owner, now_epoch=now_epoch, lease_seconds=lease)  # fmt: skip
-        changes = {s.shard_id: functools.partial(take, holder_gone=gone.get(s.shard_id, False)) for s in [*admitted, *free]}  # fmt: skip
-        return tr.advance_shards(m, changes, now)
-
-    manifest = update_manifest(store, manifest, claim)
-    mine = [s for s in manifest.shards if s.state == "submitting" and s.submit_owner == owner]
-    waiting = [s for s in manifest.shards if s.state == "prepared"]
-    if waiting:
-        logger.info(
-            "%d shards wait for queue room (%d %s tokens queued, limit %s; %d creates in the last hour)",
-            len(waiting), queue.queued_tokens, job.request.model, job.limits.max_enqueued_tokens,
-            queue.created_last_hour,
-        )  # fmt: skip
-    others = [s for s in manifest.shards if s.state == "submitting" and s.submit_owner != owner]
-    if others:
-        logger.info("%d shards are being submitted by another process; leaving them", len(others))
-    if not mine:
-        return manifest
-    crash_point("after-intent")
-    renew = functools.partial(_renew_lease, store, manifest, owner=owner, lease_seconds=lease)
-    futures = [
-        submit_shard_task.submit(
-            api,
-            store,
-            manifest.run_id,
-            job.request.endpoint,
-            shard,
-            keep_lease=functools.partial(renew, shard.shard_id),
-        )  # fmt: skip
-        for shard in mine
-    ]
-    for shard, future in zip(mine, futures, strict=True):
-        try:
-            batch = future.result()
-        except LeaseLostError as exc:
-            logger.warning("shard %s: %s; the new holder submits it", shard.shard_id, exc)
-            continue
-        record = functools.partial(tr.record_batch, batch=batch, now=utc_now())
-        manifest = update_manifest(
-            store, manifest, lambda m, s=shard.shard_id, r=record: tr.advance_shards(m, {s: r}, utc_now())  # type: ignore[misc]
-        )  # fmt: skip
-        logger.info("shard %s -> batch %s (%s)", shard.shard_id, batch.id, batch.status)
-    crash_point("after-submit")
-    observe.publish_run(manifest, store)
-    return manifest
-
-
-def _renew_lease(
-    store: ObjectStore, manifest: RunManifest, shard_id: str, *, owner: str, lease_seconds: float
-) -> None:
-    """Extend our lease of one shard, or raise LeaseLostError (called before upload and create)."""
-    renew = functools.partial(
-        tr.renew_lease, owner=owner, now_epoch=time.time(), lease_seconds=lease_seconds
-    )
-    current = load_manifest(store, manifest_layout(manifest))
-    update_manifest(store, current, lambda m: tr.advance_shards(m, {shard_id: renew}, utc_now()))
-
-
 # ---- wait ----------------------------------------------------------------------------------------
 
 
@@ -252,56 +149,6 @@ def poll_stage(
     if ids:
         manifest = update_manifest(store, manifest, record)
         crash_point("after-poll")
-    return manifest
-
-
-def reconcile_stage(manifest: RunManifest, store: ObjectStore, api: BatchApi) -> RunManifest:
-    """Find the run's batches that no shard records; cancel the open ones and keep them on record,
-    so their usage reaches the cost record."""
-    found = strays_of(manifest, api.find_batches(run_metadata_filter(manifest.run_id)), utc_now())
-    if not found:
-        return manifest
-    logger = get_run_logger()
-    for stray in found:
-        logger.warning(
-            "batch %s (shard %s, attempt %d, %s) carries run %s's metadata but is no shard's batch: "
-            "%s; its usage goes into the cost record", stray.batch_id, stray.shard_id,
-            stray.attempt, stray.status, manifest.run_id,
-            "cancelling it" if stray.status not in TERMINAL_BATCH_STATUSES else "counting it",
-        )  # fmt: skip
-        if stray.status not in TERMINAL_BATCH_STATUSES and stray.status != "cancelling":
-            stray = stray.model_copy(update={"status": api.cancel(stray.batch_id).status})
-
-        def add(m: RunManifest, s=stray) -> RunManifest:  # type: ignore[no-untyped-def]
-            known = {x.batch_id for x in m.stray_batches}
-            return m if s.batch_id in known else with_stray(m, s, utc_now())
-
-        manifest = update_manifest(store, manifest, add)
-    return manifest
-
-
-def count_stray_usage(manifest: RunManifest, store: ObjectStore, api: BatchApi) -> RunManifest:
-    """Sum the billed usage of every terminal stray batch from its output and error files."""
-    job = manifest.job
-    for stray in uncounted_strays(manifest):
-        if stray.status not in TERMINAL_BATCH_STATUSES:
-            continue
-        usage: dict[str, dict[str, int]] = {}
-        for file_id in (stray.output_file_id, stray.error_file_id):
-            if not file_id:
-                continue
-            with tempfile.TemporaryFile() as sink:
-                api.download(file_id, sink)
-                sink.seek(0)
-                add_usage(
-                    usage, billed_usage_of_lines(sink, job.request.endpoint, job.request.model)
-                )
-        counted_stray = stray.model_copy(update={"usage": usage, "usage_counted": True})
-        manifest = update_manifest(
-            store,
-            manifest,
-            lambda m, s=counted_stray: with_stray(m, s, utc_now()),  # type: ignore[misc]
-        )
     return manifest
 
 

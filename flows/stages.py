@@ -19,16 +19,16 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows import observe
 from flows.approval import holds_approval
 from flows.context import build_batch_api, build_store, resolve_job, resolve_run_date
+from flows.reconciling import reconcile_stage
 from flows.runstages import (
     check_api,
     collect_stage,
     load_stage,
     poll_stage,
     prepare_stage,
-    reconcile_stage,
     retry_stage,
-    submit_stage,
 )
+from flows.submitting import submit_stage
 from schemas.job import JobSpec
 from schemas.manifest import RunManifest
 from schemas.settings import Settings
