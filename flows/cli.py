@@ -85,6 +85,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from schemas.job import JobSpec
 
     job = JobSpec.from_yaml(args.job)
+    if not args.emulator and not os.environ.get("OPENAI_API_KEY"):  # before anything starts
+        print(
+            "nightbatch: OPENAI_API_KEY is not set. Set it to use OpenAI, or add --emulator for a "
+            "free dry run against the bundled emulator.",
+            file=sys.stderr,
+        )
+        return 2
     with _maybe_emulator(args):
         state = pipeline(
             job, run_date=args.run_date, poll_interval_seconds=args.poll_interval, return_state=True

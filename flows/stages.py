@@ -401,6 +401,9 @@ def pipeline(
         else settings.poll_interval_seconds
     )
     store = build_store(settings)
+    existing = find_manifest(store, layout_for(spec, date))
+    if existing is None or existing.status not in ("loaded", "abandoned"):
+        build_batch_api(settings)  # no key: stop before anything is written, not after prepare
     manifest = prepare_stage(spec, date, store, settings.api_identity)
     if manifest.status == "loaded":
         get_run_logger().info("run %s is already loaded; nothing to do", manifest.run_id)

@@ -145,3 +145,20 @@ def test_output_schema_properties_may_not_take_lineage_names() -> None:
     schema = {"type": "object", "properties": {"nb_status": {"type": "string"}}}
     with pytest.raises(ValidationError, match=r"\['nb_status'\] collide with nightbatch's lineage"):
         RequestSpec(model="gpt-4o-mini", template="{t}", output_schema=schema)
+
+
+def test_a_missing_api_key_stops_the_cli_before_anything_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flows.cli import main
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    pq.write_table(pa.table({"id": ["a"], "t": ["x"]}), tmp_path / "s.parquet")
+    (tmp_path / "job.yaml").write_text(
+        "name: j\nsource: {uri: s.parquet, id_column: id}\n"
+        "request: {model: gpt-4o-mini, template: '{t}'}\noutput_uri: out\nstorage_root: state\n"
+    )
+    assert main(["run", str(tmp_path / "job.yaml"), "--run-date", "2026-12-07"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "OPENAI_API_KEY is not set" in err and "--emulator" in err
+    assert not (tmp_path / "state").exists() and not (tmp_path / "out").exists()
