@@ -38,16 +38,11 @@ from schemas.tables import (
 )
 from tasks.cache import ResultCache, served_results, served_usage
 from tasks.layout import output_file
-from tasks.prepare import (
-    filter_columns,
-    iter_source_batches,
-    open_source,
-    source_columns,
-    source_filter,
-)
 from tasks.reconcile import add_usage
 from tasks.render import custom_ids_for
 from tasks.runs import manifest_layout
+from tasks.source import iter_source_batches, open_source
+from tasks.sourcecheck import filter_columns, source_columns, source_filter
 from tasks.storage import ObjectStore
 
 USAGE_COLUMNS = (

@@ -1,10 +1,11 @@
 """prepare: stream the source table, render one request per row, pack shards of JSONL.
 
-Validates the job against the data first and raises BadInputError, naming the problem and the fix,
-before anything is written to the run or sent anywhere.
+Validates the job against the data first (tasks.sourcecheck) and raises BadInputError, naming the
+problem and the fix, before anything is written to the run or sent anywhere. Rows that cannot
+succeed (tasks.rowgate) are not sent: they go to the run's rejected file, and from there to the
+dead letter.
 
-The source is streamed in record batches (column projection and filter pushed down to the Parquet
-reader) and never held whole. Each batch is rendered column-wise (`RequestRenderer.render_batch`);
+The source is streamed in record batches (tasks.source) and never held whole. Each batch is rendered column-wise (`RequestRenderer.render_batch`);
 its tokens are counted on a thread pool while the next batch renders; shard files are written on one
 background thread and hashed on another. Both cores are busy: the Parquet decoder, Arrow's kernels,
 tiktoken, file writes and sha256 all release the GIL."""
@@ -13,11 +14,10 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import difflib
 import hashlib
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from queue import Empty, Full, Queue
@@ -26,201 +26,29 @@ from typing import IO, Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
-import pyarrow.parquet as pq
 
 from schemas.job import JobSpec
 from schemas.manifest import Shard
-from schemas.tables import IDS_SCHEMA, IDS_WITH_KEYS_SCHEMA, LINEAGE_FIELDS, output_fields
+from schemas.tables import IDS_SCHEMA, IDS_WITH_KEYS_SCHEMA
 from tasks.cache import CacheIndex, HitRecorder, key_array
 from tasks.errors import BadInputError
 from tasks.layout import RunLayout
 from tasks.render import RenderedBatch, RequestRenderer, concat_rendered, custom_id_for
+from tasks.source import (
+    RENDER_BATCH_ROWS,
+    count_selected,
+    iter_source_batches,
+    merge_small_batches,
+    open_source,
+)
+from tasks.sourcecheck import check_ids, filter_columns, source_filter, validate_job_against_schema
 from tasks.storage import ObjectStore
 from tasks.tokens import TextTokenCounter, count_request_tokens, count_requests_tokens
 
-SCAN_BATCH_ROWS = 4096
-RENDER_BATCH_ROWS = 4096  # small (filtered) scan batches are merged up to this many rows
-SCAN_BATCH_READAHEAD = 2  # batches the scanner decodes ahead: bounds the scan's memory
 SCAN_AHEAD = 2  # batches read ahead of rendering (on the scan thread)
-SCAN_BUFFER_BYTES = 8 << 20
 WRITE_BEHIND_CHUNKS = 3  # chunks queued for the background writer: bounds the write's memory
 RENDER_THREADS = 2
 RENDER_AHEAD = 2  # rendered batches waiting to be packed: bounds the render's memory
-
-
-def open_source(job: JobSpec, store: ObjectStore) -> ds.Dataset:
-    try:
-        return store.dataset(job.source.uri)
-    except FileNotFoundError:
-        raise BadInputError(
-            f"source not found: {job.source.uri!r}. Check source.uri in the job spec "
-            "(a Parquet file or a directory of Parquet files, local path or s3://bucket/key)."
-        ) from None
-
-
-def _unknown_column(name: str, available: list[str], role: str) -> BadInputError:
-    close = difflib.get_close_matches(name, available, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return BadInputError(
-        f"{role} {name!r} is not a column of the source.{hint} "
-        f"Available columns: {', '.join(available)}."
-    )
-
-
-def source_columns(job: JobSpec, schema: pa.Schema) -> list[str]:
-    """The source columns copied to the output (validated)."""
-    available = list(schema.names)
-    if job.source.columns is None:
-        return available
-    for name in job.source.columns:
-        if name not in available:
-            raise _unknown_column(name, available, "source.columns entry")
-    return list(job.source.columns)
-
-
-def validate_job_against_schema(job: JobSpec, schema: pa.Schema) -> list[str]:
-    """Check every column the job refers to; returns the columns to read."""
-    available = list(schema.names)
-    if job.source.id_column not in available:
-        raise _unknown_column(job.source.id_column, available, "source.id_column")
-    try:
-        fields = job.request.template_fields()
-    except ValueError as exc:
-        raise BadInputError(str(exc)) from None
-    for name in fields:
-        if name not in available:
-            raise _unknown_column(name, available, "template field")
-    for column, _, _ in job.source.filter or []:
-        if column not in available:
-            raise _unknown_column(column, available, "source.filter column")
-    copied = source_columns(job, schema)
-    added = [f.name for f in output_fields(job.request)] + [f.name for f in LINEAGE_FIELDS]
-    clash = sorted(set(copied) & set(added))
-    if clash:
-        raise BadInputError(
-            f"output column(s) {clash} would collide with source columns of the same name. "
-            "Leave them out of source.columns or rename the output_schema properties."
-        )
-    needed = [job.source.id_column, *fields]
-    return list(dict.fromkeys(needed))
-
-
-def source_filter(job: JobSpec) -> ds.Expression | None:
-    if not job.source.filter:
-        return None
-    try:
-        return pq.filters_to_expression([list(f) for f in job.source.filter])  # type: ignore[arg-type]
-    except (ValueError, TypeError, NotImplementedError) as exc:
-        raise BadInputError(
-            f"source.filter is not valid: {exc}. Use [column, op, value] triples with op one of "
-            "==, !=, <, <=, >, >=, in, not in."
-        ) from None
-
-
-def filter_columns(job: JobSpec) -> list[str]:
-    """The columns source.filter refers to."""
-    return list(dict.fromkeys(column for column, _, _ in job.source.filter or []))
-
-
-def iter_source_batches(
-    dataset: ds.Dataset,
-    columns: list[str],
-    expression: ds.Expression | None,
-    filter_on: list[str] | None = None,
-) -> Iterator[pa.RecordBatch]:
-    """The selected rows, in dataset order, in record batches of at most SCAN_BATCH_ROWS rows, with
-    `columns` only. `filter_on` names the columns `expression` refers to.
-
-    Memory stays bounded by a few batches, whatever the row groups' size: each Parquet file is
-    streamed page by page (`ParquetFile.iter_batches`, no pre-buffering) from the row groups that
-    the filter's statistics do not rule out, and the filter is applied to each batch. (Arrow's
-    dataset scanner, the fallback when the columns of a filter are not given, decodes whole row
-    groups ahead and holds several times more.)"""
-    if (expression is not None and filter_on is None) or not _plain_parquet(dataset):
-        yield from _scanner_batches(dataset, columns, expression)
-        return
-    read = list(dict.fromkeys([*columns, *(filter_on or [])]))
-    target = pa.schema([dataset.schema.field(name) for name in read])
-    for fragment in dataset.get_fragments():
-        groups = None
-        if expression is not None:
-            pieces = fragment.split_by_row_group(filter=expression, schema=dataset.schema)
-            groups = [group.id for piece in pieces for group in piece.row_groups]
-            if not groups:
-                continue
-        with dataset.filesystem.open_input_file(fragment.path) as handle:
-            file = pq.ParquetFile(handle, pre_buffer=False, buffer_size=SCAN_BUFFER_BYTES)
-            present = [name for name in read if name in file.schema_arrow.names]
-            for batch in file.iter_batches(
-                batch_size=SCAN_BATCH_ROWS, row_groups=groups, columns=present, use_threads=True
-            ):
-                batch = _conform(batch, target)
-                if expression is not None:
-                    batch = batch.filter(expression).select(columns)
-                if batch.num_rows:
-                    yield batch
-
-
-def _plain_parquet(dataset: ds.Dataset) -> bool:
-    return isinstance(dataset, ds.FileSystemDataset) and isinstance(
-        dataset.format, ds.ParquetFileFormat
-    )
-
-
-def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
-    """A file's batch in the dataset's schema: columns in order, cast, missing ones null (as the
-    dataset scanner does)."""
-    if batch.schema.equals(schema):
-        return batch
-    arrays = []
-    for target in schema:
-        if target.name in batch.schema.names:
-            column = batch.column(target.name)
-            arrays.append(column if column.type == target.type else column.cast(target.type))
-        else:
-            arrays.append(pa.nulls(batch.num_rows, target.type))
-    return pa.RecordBatch.from_arrays(arrays, schema=schema)
-
-
-def _scanner_batches(
-    dataset: ds.Dataset, columns: list[str], expression: ds.Expression | None
-) -> Iterator[pa.RecordBatch]:
-    yield from dataset.to_batches(
-        columns=columns,
-        filter=expression,
-        batch_size=SCAN_BATCH_ROWS,
-        batch_readahead=SCAN_BATCH_READAHEAD,
-        fragment_readahead=1,
-        fragment_scan_options=ds.ParquetFragmentScanOptions(
-            pre_buffer=False, use_buffered_stream=True, buffer_size=SCAN_BUFFER_BYTES
-        ),
-        use_threads=True,
-    )
-
-
-def merge_small_batches(
-    batches: Iterable[pa.RecordBatch], min_rows: int = RENDER_BATCH_ROWS
-) -> Iterator[pa.RecordBatch]:
-    """Batches of at least `min_rows` rows (but the last): a selective filter yields many small
-    batches, and per-batch work (and token sampling) wants full ones."""
-    held: list[pa.RecordBatch] = []
-    rows = 0
-    for batch in batches:
-        if batch.num_rows == 0:
-            continue
-        held.append(batch)
-        rows += batch.num_rows
-        if rows >= min_rows:
-            yield _concat(held)
-            held, rows = [], 0
-    if held:
-        yield _concat(held)
-
-
-def _concat(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
-    if len(batches) == 1:
-        return batches[0]
-    return pa.Table.from_batches(batches).combine_chunks().to_batches()[0]
 
 
 def read_ahead(batches: Iterator[pa.RecordBatch], depth: int) -> Iterator[pa.RecordBatch]:
@@ -546,16 +374,6 @@ class PrepareResult:
     cache_hits: int = 0  # rows served from the result cache: recorded in hits_uri, not in any shard
 
 
-def _check_ids(batch: pa.RecordBatch, id_column: str) -> None:
-    ids = batch.column(id_column)
-    nulls = ids.null_count
-    if nulls:
-        raise BadInputError(
-            f"source.id_column {id_column!r} has {nulls} null value(s) in the selected rows. "
-            "Every row needs an id: fill them in or filter those rows out with source.filter."
-        )
-
-
 def _duplicate_ids(hashes: np.ndarray) -> np.ndarray:
     ordered = np.sort(hashes)
     return np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
@@ -701,7 +519,7 @@ def write_shards(
     try:
         scan = iter_source_batches(dataset, columns, expression, filter_columns(job))
         for batch in read_ahead(merge_small_batches(scan), SCAN_AHEAD):
-            _check_ids(batch, id_column)
+            check_ids(batch, id_column)
             in_flight.append(render_pool.submit(render, batch))
             rows += batch.num_rows
             if len(in_flight) > RENDER_AHEAD:
@@ -756,7 +574,3 @@ def _duplicate_error(
         f"once (e.g. {shown}). Each row needs its own id: deduplicate the source or choose a unique "
         "id column."
     )
-
-
-def count_selected(dataset: ds.Dataset, expression: ds.Expression | None) -> int:
-    return int(dataset.count_rows(filter=expression))

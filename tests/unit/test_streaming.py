@@ -18,13 +18,7 @@ import pytest
 
 from schemas.job import JobSpec, RequestSpec
 from tasks.layout import RunLayout
-from tasks.prepare import (
-    ShardPacker,
-    iter_source_batches,
-    merge_small_batches,
-    read_ahead,
-    source_filter,
-)
+from tasks.prepare import ShardPacker, read_ahead
 from tasks.render import (
     RequestRenderer,
     custom_id_for,
@@ -32,6 +26,8 @@ from tasks.render import (
     json_escaped,
     json_escaped_array,
 )
+from tasks.source import iter_source_batches, merge_small_batches
+from tasks.sourcecheck import source_filter
 from tasks.storage import ObjectStore
 
 ROWS: dict[str, list[Any]] = {
@@ -539,9 +535,9 @@ def test_bucketed_load_writes_what_the_in_memory_load_writes(
         pq.read_table(parts.dead_letter_uri).sort_by("custom_id").equals(dead.sort_by("custom_id"))
     )
     # source batches of 97 rows and spilled batches of 64: results merged across batch boundaries
-    import tasks.prepare as prepare
+    import tasks.source as source
 
-    monkeypatch.setattr(prepare, "SCAN_BATCH_ROWS", 97)
+    monkeypatch.setattr(source, "SCAN_BATCH_ROWS", 97)
     monkeypatch.setattr(load, "SPILL_BATCH_BYTES", 1)
     small = load.write_output(manifest, store)
     assert pq.read_table(small.output_uri).equals(out)
