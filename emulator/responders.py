@@ -22,6 +22,7 @@ import tiktoken
 
 from emulator.config import EmulatorConfig
 from emulator.ids import LineIds, hex_id, seed_int, seed_of_bytes
+from emulator.schema_check import schema_problem
 from emulator.schema_gen import SchemaGenerator
 from tasks.tokens import (
     count_text,
@@ -92,6 +93,18 @@ def context_length_error(endpoint: str, prompt_tokens: int, window: int) -> Repl
         )
     param = "messages" if endpoint == "/v1/chat/completions" else "input"
     return http_error(400, message, "invalid_request_error", param, "context_length_exceeded")
+
+
+def invalid_schema(fmt: dict[str, Any] | None, spec: dict[str, Any], param: str) -> Reply | None:
+    """A 400 line for a `json_schema` format (its name, schema and strict flag in `spec`) whose schema
+    OpenAI would refuse, else None."""
+    if fmt is None or fmt.get("type") != "json_schema" or spec.get("schema") is None:
+        return None
+    problem = schema_problem(spec["schema"], spec.get("strict") is True)
+    if problem is None:
+        return None
+    message = f"Invalid schema for response_format '{spec.get('name')}': {problem}"
+    return http_error(400, message, "invalid_request_error", param, "invalid_json_schema")
 
 
 def respond(endpoint: str, body: dict[str, Any], prompt_tokens: int, ctx: LineContext) -> Reply:
@@ -228,7 +241,10 @@ def chat_completion(body: dict[str, Any], prompt_tokens: int, ctx: LineContext) 
     canonical = _canonical(body)
     rng = random.Random(seed_of_bytes("content", canonical))
     fmt = _obj(body.get("response_format")) or None
-    schema = _obj((fmt or {}).get("json_schema")).get("schema")
+    spec = _obj((fmt or {}).get("json_schema"))
+    if (refused := invalid_schema(fmt, spec, "response_format")) is not None:
+        return refused
+    schema = spec.get("schema")
     text = _content(fmt, schema, _words(body.get("messages") or []), rng)
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     reasoning = _reasoning_tokens(model, body.get("reasoning_effort"), canonical, cfg)
@@ -272,6 +288,8 @@ def responses(body: dict[str, Any], prompt_tokens: int, ctx: LineContext) -> Rep
     canonical = _canonical(body)
     rng = random.Random(seed_of_bytes("content", canonical))
     fmt = _obj(_obj(body.get("text")).get("format")) or None
+    if (refused := invalid_schema(fmt, fmt or {}, "text.format.schema")) is not None:
+        return refused
     schema = fmt.get("schema") if fmt else None
     text = _content(fmt, schema, _words(responses_messages(body)), rng)
     effort = _obj(body.get("reasoning")).get("effort")

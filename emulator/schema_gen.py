@@ -38,7 +38,7 @@ class SchemaGenerator:
         if isinstance(schema.get("allOf"), list) and schema["allOf"]:
             merged = {k: v for k, v in schema.items() if k != "allOf"}
             for part in schema["allOf"]:
-                merged = {**self._resolve(part), **merged}
+                merged = {**(self._resolve(part) if isinstance(part, dict) else {}), **merged}
             return self.generate(merged, depth)
         kind = schema.get("type")
         if isinstance(kind, list):
@@ -129,7 +129,8 @@ class SchemaGenerator:
         low, high = self._bounds(schema, 0.01)
         multiple = schema.get("multipleOf")
         if isinstance(multiple, int | float) and multiple > 0:
-            steps = self.rng.randint(math.ceil(low / multiple), math.floor(high / multiple))
+            first = math.ceil(low / multiple)
+            steps = self.rng.randint(first, max(first, math.floor(high / multiple)))
             return round(steps * multiple, 10)
         return round(self.rng.uniform(low, high), 2)
 
