@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from flows.inspect import cmd_cache, cmd_costs, cmd_status
+
 
 def _embedded_prefect_defaults() -> None:
     """Quiet, self-contained defaults for the embedded Prefect (only where the user set nothing)."""
@@ -112,61 +114,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _root_of(target: str) -> str:
-    from schemas.job import JobSpec
-
-    return JobSpec.from_yaml(target).storage_root if target.endswith((".yaml", ".yml")) else target
-
-
-def cmd_status(args: argparse.Namespace) -> int:
-    from collections import Counter
-
-    from flows.context import build_store
-    from schemas.settings import Settings
-    from tasks.runs import list_manifests
-
-    root = _root_of(args.target)
-    store = build_store(Settings.from_env())
-    manifests = [
-        m for m in list_manifests(store, root) if not args.run_date or m.run_date == args.run_date
-    ]
-    if not manifests:
-        print(f"no runs under {root}")
-        return 0
-    for m in sorted(manifests, key=lambda m: (m.job_name, m.run_date)):
-        attempts = max((s.attempt for s in m.shards), default=0)
-        print(
-            f"{m.run_id}: {m.status} — {m.rows_selected} rows, {len(m.shards)} shards, {attempts} attempt(s), updated {m.updated_at}"
-        )
-        if m.estimate:
-            print(
-                f"  estimate ${m.estimate.batch_usd:.4f} at batch prices, {m.estimate.input_tokens} input tokens"
-            )
-        reasons: Counter[str] = Counter()
-        for s in m.shards:
-            c = s.counts
-            status = s.batch_status if s.state in ("submitted", "terminal") else s.state
-            print(
-                f"  {s.shard_id}  attempt {s.attempt}  {status:<11} lines={s.lines:<6} ok={c.succeeded:<6} "
-                f"failed={c.failed:<5} retryable={c.retryable:<5} missing={c.missing:<4} batch={s.batch_id or '-'}"
-            )
-            if s.errors_uri and c.failed:
-                codes = store.read_table(s.errors_uri, columns=["code"]).column(0).to_pylist()
-                reasons.update(str(code) for code in codes)
-        if reasons:
-            print(
-                "  errors by reason: "
-                + ", ".join(f"{code}={n}" for code, n in reasons.most_common())
-            )
-        if m.status == "loaded":
-            print(
-                f"  output: {m.output_file_uri}  dead-lettered: {m.dead_lettered}  cost record: {m.cost_record_uri}"
-            )
-        for note in m.notes:
-            print(f"  note: {note}")
-    return 0
-
-
 def cmd_retry(args: argparse.Namespace) -> int:
     _embedded_prefect_defaults()
     from flows.stages import retry_run
@@ -190,65 +137,6 @@ def cmd_abandon(args: argparse.Namespace) -> int:
     print(
         f"run {result['run_id']} abandoned; cancelled batches: {', '.join(result['cancelled']) or 'none'}"
     )
-    return 0
-
-
-def cmd_costs(args: argparse.Namespace) -> int:
-    from flows.context import build_store
-    from schemas.settings import Settings
-    from tasks.costreport import cost_totals, read_cost_records
-
-    root = _root_of(args.target)
-    records = read_cost_records(build_store(Settings.from_env()), root)
-    if records.empty:
-        print(f"no cost records under {root}/costs")
-        return 0
-    for by in ("job", "run_date", "tag"):
-        print(f"\nby {by}:")
-        print(cost_totals(records, by).to_string(index=False))
-    return 0
-
-
-def cmd_cache(args: argparse.Namespace) -> int:
-    from datetime import UTC, datetime
-
-    from flows.context import build_store
-    from schemas.job import JobSpec
-    from schemas.settings import Settings
-    from tasks.cache import ResultCache, cache_report
-    from tasks.runs import list_manifests
-
-    root = _root_of(args.target)
-    store = build_store(Settings.from_env())
-    if args.prune_older_than is not None or args.compact:
-        if not args.target.endswith((".yaml", ".yml")):
-            print("--prune-older-than and --compact need a job spec (its cache namespace)",
-                  file=sys.stderr)  # fmt: skip
-            return 2
-        cache = ResultCache(
-            store, root, JobSpec.from_yaml(args.target), Settings.from_env().api_identity
-        )
-        if args.prune_older_than is not None:
-            removed = cache.prune(args.prune_older_than, datetime.now(UTC))
-            print(
-                f"removed entries older than {args.prune_older_than} days from {removed} segment(s)"
-            )
-        if args.compact:
-            before, after = cache.compact(datetime.now(UTC))
-            print(f"compacted {before} segment(s) into {after}")
-    report = cache_report(store, root)
-    if not report:
-        print(f"the cache under {root}/cache is empty")
-    for row in report:
-        print(
-            f"{row['namespace']}: {row['entries']} entries in {row['segments']} segments, {row['bytes'] / 1e6:.2f} MB"
-        )
-    print("hit rates:")
-    for m in sorted(list_manifests(store, root), key=lambda m: (m.job_name, m.run_date)):
-        rate = 100.0 * m.cache_hits / m.rows_selected if m.rows_selected else 0.0
-        print(
-            f"  {m.run_id}: {m.cache_hits} of {m.rows_selected} rows from the cache ({rate:.1f}%)"
-        )
     return 0
 
 
@@ -297,13 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     _job_command(sub, "abandon", "cancel a run's open batches and mark it abandoned")
     status = sub.add_parser("status", help="runs, shard states, attempts and errors by reason")
     status.add_argument("target", help="a job spec YAML or a storage root")
+    status.add_argument("--all", action="store_true", help="every job under the storage root")
     status.add_argument("--run-date")
     costs = sub.add_parser("costs", help="cost totals by job, day and tag, with savings")
     costs.add_argument("target", help="a job spec YAML or a storage root")
+    costs.add_argument("--all", action="store_true", help="every job under the storage root")
     cache = sub.add_parser(
         "cache", help="result cache size and hit rates; prune old entries, compact segments"
     )
     cache.add_argument("target", help="a job spec YAML or a storage root")
+    cache.add_argument("--all", action="store_true", help="every job under the storage root")
     cache.add_argument(
         "--prune-older-than",
         type=float,
