@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from flows.inspect import cmd_cache, cmd_costs, cmd_status
+from flows.inspecting import cmd_cache, cmd_costs, cmd_status
 
 
 def _embedded_prefect_defaults() -> None:

@@ -66,7 +66,7 @@ def prepare_stage(job: JobSpec, run_date: str, store: ObjectStore, api: str) -> 
     result = write_shards_task(job, store, layout, index)
     manifest = new_manifest(job, run_date, utc_now()).model_copy(update={"api": api})
     past_mean = past_output_mean(store, job.storage_root, job.name, job.request.model, run_date)
-    sent = result.rows - result.cache_hits
+    sent = result.rows - result.cache_hits - result.refused
     estimate = estimate_cost(job, sent, sum(s.input_tokens for s in result.shards), past_mean)
     manifest = manifest.model_copy(
         update={
@@ -75,6 +75,8 @@ def prepare_stage(job: JobSpec, run_date: str, store: ObjectStore, api: str) -> 
             "estimate": estimate,
             "cache_hits": result.cache_hits,
             "cache_hits_uri": layout.cache_hits if result.cache_hits else None,
+            "rows_refused": result.refused,
+            "refused_uri": result.refused_uri,
         }
     )
     try:
@@ -89,6 +91,16 @@ def prepare_stage(job: JobSpec, run_date: str, store: ObjectStore, api: str) -> 
         manifest.run_id, result.rows, result.cache_hits, sent, len(result.shards),
         estimate.input_tokens, estimate.batch_usd, estimate.standard_usd,
     )  # fmt: skip
+    if result.refused:
+        logger.warning(
+            "%d row(s) of %s cannot succeed and were not sent (see %s); they go to the dead letter",
+            result.refused, manifest.run_id, result.refused_uri,
+        )  # fmt: skip
+    if not result.rows:
+        logger.warning(
+            "run %s selected no rows from %s: check source.filter and source.uri",
+            manifest.run_id, job.source.uri,
+        )  # fmt: skip
     observe.publish_run(manifest, store)
     return manifest
 

@@ -114,6 +114,8 @@ def summary(manifest: RunManifest) -> dict[str, Any]:
         "output": manifest.output_file_uri,
         "cost_record": manifest.cost_record_uri,
         "dead_letter": manifest.dead_letter_uri,
+        "dead_lettered": manifest.dead_lettered,
+        "not_sent": manifest.rows_refused,
         "went_badly": manifest.went_badly,
     }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import string
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,7 +22,10 @@ DEFAULT_MAX_BYTES = 190_000_000
 DEFAULT_MAX_EMBEDDING_INPUTS = 45_000
 
 JOB_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,47}$"
-FilterValue = str | int | float | bool | None | list[str | int | float | bool]
+FilterScalar = str | int | float | bool | datetime | date
+FilterValue = FilterScalar | None | list[FilterScalar]
+COMPARISON_OPS = ("==", "!=", "<", "<=", ">", ">=", "in", "not in")
+NULL_OPS = ("is_null", "not_null")
 
 
 class _Strict(BaseModel):
@@ -34,11 +38,35 @@ class SourceSpec(_Strict):
     columns: list[str] | None = Field(
         default=None, description="Source columns copied to the output (default: all)"
     )
-    filter: list[tuple[str, str, FilterValue]] | None = Field(
+    filter: list[tuple[str, str] | tuple[str, str, FilterValue]] | None = Field(
         default=None,
-        description="Row filter as [column, op, value] triples, all must hold "
-        "(ops: ==, !=, <, <=, >, >=, in, not in); pushed down to the Parquet reader",
+        description="Row filter as [column, op, value] triples (ops: ==, !=, <, <=, >, >=, in, "
+        "not in) and [column, is_null] / [column, not_null] pairs, all must hold; pushed down "
+        "to the Parquet reader. Dates and times may be written as ISO strings.",
     )
+
+    @field_validator("filter")
+    @classmethod
+    def _known_ops(cls, value: list[tuple[Any, ...]] | None) -> list[tuple[Any, ...]] | None:
+        for condition in value or []:
+            op = condition[1]
+            if op not in COMPARISON_OPS + NULL_OPS:
+                raise ValueError(
+                    f"source.filter {list(condition)}: unknown op {op!r}; use one of "
+                    f"{', '.join(COMPARISON_OPS + NULL_OPS)}"
+                )
+            if op in NULL_OPS and len(condition) != 2:
+                raise ValueError(f"source.filter {list(condition)}: write [column, {op}], no value")
+            if op in COMPARISON_OPS and len(condition) != 3:
+                raise ValueError(f"source.filter {list(condition)}: write [column, {op}, value]")
+            if op in COMPARISON_OPS and condition[2] is None:
+                raise ValueError(
+                    f"source.filter {list(condition)}: nothing compares equal to null; use "
+                    f"[{condition[0]}, is_null] or [{condition[0]}, not_null]"
+                )
+            if op in ("in", "not in") and not isinstance(condition[2], list):
+                raise ValueError(f"source.filter {list(condition)}: {op!r} takes a list of values")
+        return value
 
 
 class RequestSpec(_Strict):
@@ -68,6 +96,11 @@ class RequestSpec(_Strict):
                 f"{', '.join(SUPPORTED_ENDPOINTS)}"
             )
         return value
+
+    @model_validator(mode="after")
+    def _templates_parse(self) -> RequestSpec:
+        self.template_fields()
+        return self
 
     @field_validator("params")
     @classmethod
@@ -109,7 +142,15 @@ class RequestSpec(_Strict):
         """Column names the templates refer to, in order of first use."""
         fields: list[str] = []
         for text in (self.template, self.system_prompt or ""):
-            for _, name, _, _ in string.Formatter().parse(text):
+            try:
+                parsed = list(string.Formatter().parse(text))
+            except ValueError as exc:
+                where = "template" if text is self.template else "system_prompt"
+                raise ValueError(
+                    f"{where} has an unbalanced brace ({exc}): write {{column}} for a column's "
+                    "value and {{ or }} for a literal brace"
+                ) from None
+            for _, name, _, _ in parsed:
                 if name is not None and name not in fields:
                     if name == "" or not re.fullmatch(r"[^\[\].!:]+", name):
                         raise ValueError(

@@ -128,6 +128,8 @@ class RunManifest(BaseModel):
     dead_lettered: int = 0
     cache_hits: int = 0  # rows served from the result cache instead of being sent
     cache_hits_uri: str | None = None  # requests/cache-hits.parquet: custom_id, cache_key
+    rows_refused: int = 0  # rows prepare did not send: they cannot succeed (tasks.rowgate)
+    refused_uri: str | None = None  # requests/refused.parquet: their error rows, attempt 0
     budget_approved_by: str | None = None
     budget_approved_at: str | None = None
     approval: Approval | None = None

@@ -105,6 +105,8 @@ class ModelPrice(BaseModel):
 
     standard: TokenPrices
     batch: TokenPrices
+    context_window: int | None = Field(default=None, ge=1)  # input + requested output, at most
+    max_input_tokens: int | None = Field(default=None, ge=1)  # where lower than the window
 
     @model_validator(mode="before")
     @classmethod

@@ -78,7 +78,8 @@ ERRORS_SCHEMA = pa.schema(
         pa.field("custom_id", pa.string(), nullable=False),
         pa.field("attempt", pa.int32()),
         pa.field("batch_id", pa.string()),
-        pa.field("kind", pa.string()),  # http | non_http | missing | invalid_output | batch_failed
+        # http | non_http | missing | invalid_output | batch_failed | refused (at prepare)
+        pa.field("kind", pa.string()),
         pa.field("status_code", pa.int32()),
         pa.field("code", pa.string()),
         pa.field("message", pa.string()),
@@ -98,7 +99,7 @@ DEAD_LETTER_SCHEMA = pa.schema(
     [
         pa.field("custom_id", pa.string(), nullable=False),
         pa.field("row_id", pa.string()),
-        pa.field("reason", pa.string()),  # permanent_error | retries_exhausted | missing
+        pa.field("reason", pa.string()),  # permanent_error | retries_exhausted | missing | not_sent
         pa.field("code", pa.string()),
         pa.field("message", pa.string()),
         pa.field("attempts", pa.int32()),

@@ -46,6 +46,10 @@ class RunLayout:
         return join_uri(self.run_dir, "requests", "cache-hits.parquet")
 
     @property
+    def refused(self) -> str:
+        return join_uri(self.run_dir, "requests", "refused.parquet")
+
+    @property
     def dead_letter(self) -> str:
         return join_uri(self.run_dir, "dead_letter.parquet")
 

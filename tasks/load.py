@@ -130,7 +130,10 @@ def dead_letter_row(custom_id: str, row_id: str, error: dict[str, Any] | None) -
             "custom_id": custom_id, "row_id": row_id, "reason": "missing", "code": "missing",
             "message": "no result and no error was recorded for this row", "attempts": 0,
         }  # fmt: skip
-    reason = "retries_exhausted" if error["retryable"] else "permanent_error"
+    if error["attempt"] == 0:  # refused at prepare, never sent (tasks.rowgate)
+        reason = "not_sent"
+    else:
+        reason = "retries_exhausted" if error["retryable"] else "permanent_error"
     return {
         "custom_id": custom_id,
         "row_id": row_id,
@@ -264,6 +267,9 @@ class _Outcomes:
             if shard.errors_uri:
                 for table in self._batches(shard.errors_uri, _ERROR_COLUMNS):
                     yield table.cast(self.errors_schema)
+        if self.manifest.refused_uri:
+            for table in self._batches(self.manifest.refused_uri, _ERROR_COLUMNS):
+                yield table.cast(self.errors_schema)
 
     def prepared(self) -> Iterator[pa.Table]:
         layout = manifest_layout(self.manifest)
@@ -272,6 +278,8 @@ class _Outcomes:
                 yield from self._batches(layout.ids_file(shard.attempt, shard.index), ["custom_id"])
         if self.manifest.cache_hits_uri:
             yield from self._batches(self.manifest.cache_hits_uri, ["custom_id"])
+        if self.manifest.refused_uri:
+            yield from self._batches(self.manifest.refused_uri, ["custom_id"])
 
     def bucket_count(self) -> int:
         """How many buckets keep each one's outcomes under LOAD_BUCKET_ROWS / LOAD_BUCKET_BYTES
@@ -315,7 +323,9 @@ def write_output(manifest: RunManifest, store: ObjectStore) -> LoadSummary:
     join = _Join(manifest, columns, result_names, out_schema)
 
     def scan(names: list[str]) -> Iterator[pa.RecordBatch]:
-        return iter_source_batches(dataset, names, source_filter(job), filter_columns(job))
+        return iter_source_batches(
+            dataset, names, source_filter(job, dataset.schema), filter_columns(job)
+        )
 
     buckets = outcomes.bucket_count()
     with (

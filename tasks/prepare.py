@@ -33,15 +33,16 @@ from schemas.tables import IDS_SCHEMA, IDS_WITH_KEYS_SCHEMA
 from tasks.cache import CacheIndex, HitRecorder, key_array
 from tasks.errors import BadInputError
 from tasks.layout import RunLayout
+from tasks.refusals import RowGate
 from tasks.render import RenderedBatch, RequestRenderer, concat_rendered, custom_id_for
 from tasks.source import (
     RENDER_BATCH_ROWS,
+    checked_source,
     count_selected,
     iter_source_batches,
     merge_small_batches,
-    open_source,
 )
-from tasks.sourcecheck import check_ids, filter_columns, source_filter, validate_job_against_schema
+from tasks.sourcecheck import check_ids, filter_columns
 from tasks.storage import ObjectStore
 from tasks.tokens import TextTokenCounter, count_request_tokens, count_requests_tokens
 
@@ -372,6 +373,8 @@ class PrepareResult:
     rows: int
     tokens_exact: bool = True  # False: shard input_tokens are sampled estimates (see tasks.tokens)
     cache_hits: int = 0  # rows served from the result cache: recorded in hits_uri, not in any shard
+    refused: int = 0  # rows not sent: they cannot succeed (tasks.rowgate), in refused_uri
+    refused_uri: str | None = None
 
 
 def _duplicate_ids(hashes: np.ndarray) -> np.ndarray:
@@ -426,9 +429,11 @@ class MissBuffer:
     before their tokens are counted: a sampled count of the misses' own population stays within
     its bound whichever rows missed, and a batch of a few rows would be counted row by row."""
 
-    def __init__(self, tokens: RequestTokens, packer: ShardPacker) -> None:
+    def __init__(
+        self, tokens: RequestTokens, pack: Callable[[RenderedBatch, np.ndarray], None]
+    ) -> None:
         self.tokens = tokens
-        self.packer = packer
+        self.pack = pack
         self.held: list[RenderedBatch] = []
         self.rows = 0
         self.counting: deque[tuple[RenderedBatch, Callable[[], np.ndarray]]] = deque()
@@ -455,7 +460,7 @@ class MissBuffer:
 
     def _pack(self) -> None:
         rendered, counted = self.counting.popleft()
-        self.packer.add_rendered(rendered, counted())
+        self.pack(rendered, counted())
 
 
 def _id_hashes(custom_ids: pa.Array) -> np.ndarray:
@@ -475,13 +480,17 @@ def write_shards(
     A small pipeline, in source order: the scanner decodes batches (Arrow threads), RENDER_THREADS
     render them (Arrow kernels, GIL released), tokens are counted on the counter's threads, and the
     packer writes shards behind, on its own thread. At most RENDER_AHEAD batches are in flight."""
-    dataset = open_source(job, store)
-    columns = validate_job_against_schema(job, dataset.schema)
-    expression = source_filter(job)
+    source = checked_source(job, store)
+    dataset, columns, expression = source.dataset, source.columns, source.expression
     renderer = RequestRenderer(job.request)
     sampled = sampled_token_counting(job, dataset, expression)
     tokens = RequestTokens(renderer, sampled)
     packer = ShardPacker(job, store, layout, attempt)
+    gate = RowGate(job, renderer, sampled)
+
+    def pack(rendered: RenderedBatch, counted: np.ndarray) -> None:
+        packer.add_rendered(*gate.split(rendered, counted))
+
     render_pool = ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="nightbatch-render")
     id_column = job.source.id_column
     hashes: list[np.ndarray] = []
@@ -495,7 +504,7 @@ def write_shards(
         hits = HitRecorder(
             cache_index, hits_file.enter_context(store.open_atomic(layout.cache_hits))
         )
-        misses = MissBuffer(tokens, packer)
+        misses = MissBuffer(tokens, pack)
 
     def render(
         batch: pa.RecordBatch,
@@ -511,13 +520,13 @@ def write_shards(
         rendered, counted, every_id = in_flight.popleft().result()
         hashes.append(_id_hashes(every_id))
         if counted is not None:
-            packer.add_rendered(rendered, counted())
+            pack(rendered, counted())
         else:
             assert misses is not None
             misses.add(rendered)
 
     try:
-        scan = iter_source_batches(dataset, columns, expression, filter_columns(job))
+        scan = iter_source_batches(dataset, columns, expression, source.filter_on)
         for batch in read_ahead(merge_small_batches(scan), SCAN_AHEAD):
             check_ids(batch, id_column)
             in_flight.append(render_pool.submit(render, batch))
@@ -534,6 +543,7 @@ def write_shards(
         shards = packer.finish()
         if hits is not None:
             hits.close()
+        refused_uri = gate.write(store, layout.refused)
     except BaseException as exc:
         for future in in_flight:
             future.cancel()
@@ -546,7 +556,12 @@ def write_shards(
         tokens.close()
     hits_file.close()
     return PrepareResult(
-        shards=shards, rows=rows, tokens_exact=not sampled, cache_hits=hits.hits if hits else 0
+        shards=shards,
+        rows=rows,
+        tokens_exact=not sampled,
+        cache_hits=hits.hits if hits else 0,
+        refused=gate.refused,
+        refused_uri=refused_uri,
     )
 
 

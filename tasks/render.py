@@ -336,6 +336,7 @@ class RequestRenderer:
         """The request lines of every row of `batch` (which holds the id and the template's columns;
         ids must not be null)."""
         custom_ids = custom_ids_for(batch.column(id_column))
+        batch = _nested_as_json(batch, self.fields)
         if self.frame is None:
             records = batch.to_pylist()
             ids = custom_ids.to_pylist()
@@ -360,6 +361,21 @@ class RequestRenderer:
             texts=texts,
             text_lengths=text_lengths(texts),
         )
+
+
+def _nested_as_json(batch: pa.RecordBatch, names: list[str]) -> pa.RecordBatch:
+    """`batch` with its list, struct and map columns among `names` as JSON text (null stays null),
+    so a template shows them as JSON rather than as Python's repr."""
+    for name in names:
+        i = batch.schema.get_field_index(name)
+        if i >= 0 and pa.types.is_nested(batch.schema.field(i).type):
+            text = pa.array(
+                [None if v is None else orjson.dumps(v, default=str).decode()
+                 for v in batch.column(i).to_pylist()],
+                pa.string(),
+            )  # fmt: skip
+            batch = batch.set_column(i, name, text)
+    return batch
 
 
 def _formatted(column: pa.Array, spec: str, conversion: str | None) -> pa.Array:

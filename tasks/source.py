@@ -6,6 +6,7 @@ reader) and never held whole. Errors opening it are BadInputErrors that name the
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -13,7 +14,13 @@ import pyarrow.parquet as pq
 
 from schemas.job import JobSpec
 from tasks.errors import BadInputError
-from tasks.storage import ObjectStore
+from tasks.sourcecheck import (
+    check_files_have,
+    filter_columns,
+    source_filter,
+    validate_job_against_schema,
+)
+from tasks.storage import NoCredentialsError, ObjectStore, access_refused
 
 SCAN_BATCH_ROWS = 4096
 RENDER_BATCH_ROWS = 4096  # small (filtered) scan batches are merged up to this many rows
@@ -22,13 +29,63 @@ SCAN_BUFFER_BYTES = 8 << 20
 
 
 def open_source(job: JobSpec, store: ObjectStore) -> ds.Dataset:
+    uri = job.source.uri
     try:
-        return store.dataset(job.source.uri)
+        return store.dataset(uri)
     except FileNotFoundError:
         raise BadInputError(
-            f"source not found: {job.source.uri!r}. Check source.uri in the job spec "
+            f"source not found: {uri!r}. Check source.uri in the job spec "
             "(a Parquet file or a directory of Parquet files, local path or s3://bucket/key)."
         ) from None
+    except pa.ArrowInvalid as exc:
+        raise not_parquet(uri, exc) from None
+    except (PermissionError, NoCredentialsError) as exc:
+        raise access_refused(uri, exc) from None
+
+
+@dataclass
+class CheckedSource:
+    dataset: ds.Dataset
+    columns: list[str]  # the columns prepare reads: the id and the template's
+    expression: ds.Expression | None  # source.filter
+    filter_on: list[str]  # the columns the filter refers to
+
+
+def checked_source(job: JobSpec, store: ObjectStore) -> CheckedSource:
+    """The job's source, opened and checked against the job (tasks.sourcecheck): every column it
+    names, in every file, of a type a request can carry; the filter's values of its columns' types.
+    Reads footers only."""
+    dataset = open_source(job, store)
+    columns = validate_job_against_schema(job, dataset.schema)
+    filter_on = filter_columns(job)
+    files = len(dataset.files) if isinstance(dataset, ds.FileSystemDataset) else 0
+    check_files_have(files_missing(dataset, list(dict.fromkeys(columns + filter_on))), files)
+    return CheckedSource(dataset, columns, source_filter(job, dataset.schema), filter_on)
+
+
+def not_parquet(uri: str, exc: Exception) -> BadInputError:
+    reason = str(exc).split(". ")[0]
+    return BadInputError(
+        f"source {uri!r} is not Parquet ({reason}). nightbatch reads Parquet files: convert it "
+        "(e.g. pandas.read_csv(path).to_parquet(path_parquet)) and point source.uri at the result."
+    )
+
+
+def files_missing(dataset: ds.Dataset, columns: list[str]) -> list[tuple[str, list[str]]]:
+    """(file, the `columns` it lacks) for every file of the dataset that lacks one (each file's
+    footer is read: discovery inspects only the first)."""
+    if not _plain_parquet(dataset):
+        return []
+    missing = []
+    for fragment in dataset.get_fragments():
+        try:
+            names = set(fragment.physical_schema.names)
+        except pa.ArrowInvalid as exc:
+            raise not_parquet(fragment.path, exc) from None
+        lacking = [name for name in columns if name not in names]
+        if lacking:
+            missing.append((fragment.path, lacking))
+    return missing
 
 
 def iter_source_batches(

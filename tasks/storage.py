@@ -18,7 +18,26 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from tasks.errors import TransientError, WriteConflictError
+from tasks.errors import BadInputError, TransientError, WriteConflictError
+
+try:  # s3fs raises botocore's own error when no credentials are found at all
+    from botocore.exceptions import NoCredentialsError
+except ImportError:  # pragma: no cover - botocore comes with s3fs
+
+    class NoCredentialsError(Exception):  # type: ignore[no-redef]
+        pass
+
+
+def access_refused(uri: str, exc: Exception) -> BadInputError:
+    """Object storage refused nightbatch's credentials for `uri`: a message that names where to
+    look (the AWS variables), never the credentials."""
+    why = "no credentials were found" if isinstance(exc, NoCredentialsError) else "access denied"
+    return BadInputError(
+        f"cannot access {uri!r}: {why}. Check the credentials nightbatch runs with: "
+        "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), AWS_ENDPOINT_URL for an "
+        "S3-compatible store, and that they may read and write this bucket."
+    )
+
 
 VERSION_READ_ATTEMPTS = 5
 
