@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from schemas.strictmode import strict_mode_problem
+
 Endpoint = Literal["/v1/chat/completions", "/v1/embeddings", "/v1/responses"]
 SUPPORTED_ENDPOINTS: tuple[str, ...] = ("/v1/chat/completions", "/v1/embeddings", "/v1/responses")
 
@@ -136,6 +138,9 @@ class RequestSpec(_Strict):
                 raise ValueError(
                     f"output_schema is not a valid JSON Schema ({problem}); fix it there"
                 )
+            problem = strict_mode_problem(self.output_schema, self.model.startswith("ft:"))
+            if problem:
+                raise ValueError(f"output_schema does not fit OpenAI strict mode: {problem}")
         return self
 
     def template_fields(self) -> list[str]:
