@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import signal
 import sys
 import tempfile
+import threading
+import traceback
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from tasks.errors import BadInputError, NightbatchError
+
+if TYPE_CHECKING:
+    from tasks.preflight import PreflightResult
 
 from flows.inspecting import cmd_cache, cmd_costs, cmd_status
 
@@ -60,6 +70,8 @@ def _print_summary(result: dict[str, Any], cost_uri: str | None) -> None:
         dead = record[0]["requests_dead_lettered"] if record else 0
         print(f"  enriched      : {succeeded + cached} ({cached} served from the result cache)")
         print(f"  dead-lettered : {dead}")
+        if result.get("not_sent"):
+            print(f"    of which not sent: {result['not_sent']} (they could not succeed)")
         batch = sum(r["cost_batch_usd"] for r in record)
         standard = sum(r["cost_standard_usd"] for r in record)
         print(
@@ -81,22 +93,37 @@ def _maybe_emulator(args: argparse.Namespace) -> Iterator[None]:
         yield
 
 
+def _checked_job(args: argparse.Namespace) -> PreflightResult:
+    """The pre-flight of a run command: the spec, its source, its storage root and the run it would
+    resume, checked before Prefect or the emulator start (a typo answers in about a second)."""
+    from flows.context import build_store
+    from schemas.rundate import run_date_at
+    from schemas.settings import Settings
+    from tasks.preflight import preflight, read_job
+
+    job = read_job(args.job)
+    settings = Settings.from_env()
+    if not getattr(args, "emulator", False) and settings.openai_api_key is None:
+        raise BadInputError(
+            "OPENAI_API_KEY is not set. Set it to use OpenAI, or add --emulator for a free dry run "
+            "against the bundled emulator."
+        )
+    date = args.run_date or run_date_at(datetime.now(UTC), settings.run_date_timezone)
+    api = "emulator" if getattr(args, "emulator", False) else settings.api_identity
+    return preflight(job, date, build_store(settings), api)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    checked = _checked_job(args)
     _embedded_prefect_defaults()
     from flows.stages import pipeline
-    from schemas.job import JobSpec
 
-    job = JobSpec.from_yaml(args.job)
-    if not args.emulator and not os.environ.get("OPENAI_API_KEY"):  # before anything starts
-        print(
-            "nightbatch: OPENAI_API_KEY is not set. Set it to use OpenAI, or add --emulator for a "
-            "free dry run against the bundled emulator.",
-            file=sys.stderr,
-        )
-        return 2
     with _maybe_emulator(args):
         state = pipeline(
-            job, run_date=args.run_date, poll_interval_seconds=args.poll_interval, return_state=True
+            checked.job,
+            run_date=checked.run_date,
+            poll_interval_seconds=args.poll_interval,
+            return_state=True,
         )
     from tasks.errors import RunWentBadlyError
 
@@ -114,12 +141,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """What a run would do and cost, without Prefect, a run or an upload (tasks.plan)."""
+    from flows.context import build_store
+    from schemas.settings import Settings
+    from tasks.plan import make_plan, plan_lines
+
+    args.emulator = args.emulator or not os.environ.get("OPENAI_API_KEY")  # plan needs no key
+    checked = _checked_job(args)
+    api = "emulator" if args.emulator else Settings.from_env().api_identity
+    plan = make_plan(checked, build_store(Settings.from_env()), api)
+    if args.json:
+        print(json.dumps(plan.as_dict(), indent=2))
+    else:
+        print("\n".join(plan_lines(plan)))
+    return 0
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
+    from tasks.preflight import read_job
+
+    job = read_job(args.job)
     _embedded_prefect_defaults()
     from flows.stages import retry_run
-    from schemas.job import JobSpec
 
-    job = JobSpec.from_yaml(args.job)
     with _maybe_emulator(args):
         result = retry_run(job, run_date=args.run_date, extra_attempts=args.extra_attempts,
                            poll_interval_seconds=args.poll_interval)  # fmt: skip
@@ -128,12 +173,14 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def cmd_abandon(args: argparse.Namespace) -> int:
+    from tasks.preflight import read_job
+
+    job = read_job(args.job)
     _embedded_prefect_defaults()
     from flows.stages import abandon
-    from schemas.job import JobSpec
 
     with _maybe_emulator(args):
-        result = abandon(JobSpec.from_yaml(args.job), run_date=args.run_date)
+        result = abandon(job, run_date=args.run_date)
     print(
         f"run {result['run_id']} abandoned; cancelled batches: {', '.join(result['cancelled']) or 'none'}"
     )
@@ -175,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nightbatch", description="Nightly LLM enrichment through the OpenAI Batch API."
     )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error, not just its message"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _job_command(sub, "run", "run a job end to end, resuming the run if it exists")
     _job_command(sub, "resume", "the same as run: carry an existing run on from where it stopped")
@@ -183,6 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     retry.add_argument("--extra-attempts", type=int, default=1)
     _job_command(sub, "abandon", "cancel a run's open batches and mark it abandoned")
+    plan = sub.add_parser(
+        "plan",
+        help="what a run would select, send and cost; nothing is written, uploaded or sent",
+    )
+    plan.add_argument("job", help="job spec YAML")
+    plan.add_argument("--run-date", help="logical date YYYY-MM-DD (default: today)")
+    plan.add_argument(
+        "--emulator", action="store_true", help="plan against the emulator's cache namespace"
+    )
+    plan.add_argument("--json", action="store_true", help="the plan as JSON, for scripts")
     status = sub.add_parser("status", help="runs, shard states, attempts and errors by reason")
     status.add_argument("target", help="a job spec YAML or a storage root")
     status.add_argument("--all", action="store_true", help="every job under the storage root")
@@ -224,35 +284,58 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done; 1 an unexpected error (a bug: the traceback is shown); 2 bad input or an
+    operational error, one message naming the fix; 3 loaded, but the run went badly; 143 stopped by
+    SIGTERM (after stopping what it started)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
     parser = build_parser()
     if argv[:1] == ["emulator"]:
         return cmd_emulator(argparse.Namespace(), argv[1:])
     args = parser.parse_args(argv)
-    from pydantic import ValidationError
-
     from schemas.rundate import RunDateError
-    from tasks.errors import NightbatchError
 
+    commands = {
+        "run": cmd_run, "resume": cmd_run, "retry": cmd_retry, "abandon": cmd_abandon,
+        "plan": cmd_plan, "status": cmd_status, "costs": cmd_costs, "cache": cmd_cache,
+        "demo": cmd_demo, "samples": cmd_samples,
+    }  # fmt: skip
     try:
-        if getattr(args, "run_date", None):  # one spelling per day, checked before anything starts
-            from schemas.rundate import parse_run_date
+        with _stopped_by_sigterm():
+            if getattr(args, "run_date", None):  # one spelling per day, before anything starts
+                from schemas.rundate import parse_run_date
 
-            args.run_date = parse_run_date(args.run_date)
-        commands = {
-            "run": cmd_run, "resume": cmd_run, "retry": cmd_retry, "abandon": cmd_abandon,
-            "status": cmd_status, "costs": cmd_costs, "cache": cmd_cache, "demo": cmd_demo, "samples": cmd_samples,
-        }  # fmt: skip
-        return commands[args.command](args)
-    except NightbatchError as exc:
-        print(f"nightbatch: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
-    except RunDateError as exc:
+                args.run_date = parse_run_date(args.run_date)
+            return commands[args.command](args)
+    except (NightbatchError, RunDateError) as exc:
+        if debug:
+            traceback.print_exc()
         print(f"nightbatch: {exc}", file=sys.stderr)
         return 2
-    except ValidationError as exc:
-        print(f"nightbatch: the job spec is not valid:\n{exc}", file=sys.stderr)
-        return 2
+    except Terminated:
+        print("nightbatch: stopped (SIGTERM); rerun the same command to resume", file=sys.stderr)
+        return 143
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that what the command started is stopped on the way
+    out (the emulator, Prefect's temporary server, worker threads) rather than orphaned."""
+
+
+@contextlib.contextmanager
+def _stopped_by_sigterm() -> Iterator[None]:
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 from datetime import UTC, datetime
 
 import openai
@@ -13,12 +12,13 @@ from schemas.rundate import RunDateError, parse_run_date, run_date_at
 from schemas.settings import Settings
 from tasks.batch_api import BatchApi
 from tasks.errors import BadInputError, TerminalError
+from tasks.preflight import read_job
 from tasks.storage import ObjectStore
 
 
 def resolve_job(job: JobSpec | str) -> JobSpec:
     """A job given inline (a dict validated by Prefect) or as the path of a YAML file."""
-    return job if isinstance(job, JobSpec) else JobSpec.from_yaml(job)
+    return job if isinstance(job, JobSpec) else read_job(job)
 
 
 def resolve_run_date(run_date: str | None, timezone: str | None = None) -> str:
@@ -28,7 +28,7 @@ def resolve_run_date(run_date: str | None, timezone: str | None = None) -> str:
     try:
         if run_date:
             return parse_run_date(run_date)
-        fallback = timezone or os.environ.get("NIGHTBATCH_RUN_DATE_TIMEZONE") or "UTC"
+        fallback = timezone or Settings.from_env().run_date_timezone
         scheduled, schedule_timezone = _scheduled_start()
         return run_date_at(scheduled or datetime.now(UTC), schedule_timezone or fallback)
     except RunDateError as exc:

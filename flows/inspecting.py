@@ -20,11 +20,11 @@ def _is_job_file(target: str) -> bool:
 def _scope(args: argparse.Namespace) -> tuple[str, JobSpec | None]:
     """The storage root, and the job to show: None (every job under the root) for a storage root or
     with --all."""
-    from schemas.job import JobSpec
+    from tasks.preflight import read_job
 
     if not _is_job_file(args.target):
         return args.target, None
-    job = JobSpec.from_yaml(args.target)
+    job = read_job(args.target)
     return job.storage_root, None if getattr(args, "all", False) else job
 
 
@@ -132,9 +132,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
     from flows.context import build_store
-    from schemas.job import JobSpec
     from schemas.settings import Settings
     from tasks.cache import ResultCache, cache_report, namespace
+    from tasks.preflight import read_job
     from tasks.runs import list_manifests
 
     root, job = _scope(args)
@@ -145,7 +145,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
             print("--prune-older-than and --compact need a job spec (its cache namespace)",
                   file=sys.stderr)  # fmt: skip
             return 2
-        cache = ResultCache(store, root, JobSpec.from_yaml(args.target), settings.api_identity)
+        cache = ResultCache(store, root, read_job(args.target), settings.api_identity)
         if args.prune_older_than is not None:
             removed = cache.prune(args.prune_older_than, datetime.now(UTC))
             print(

@@ -23,7 +23,6 @@ from tasks.costrecord import cost_records, estimate_cost
 from tasks.costreport import past_output_mean
 from tasks.crashpoints import crash_point
 from tasks.errors import (
-    BadInputError,
     TerminalError,
     WriteConflictError,
 )
@@ -34,6 +33,7 @@ from tasks.reconcile import (
 )
 from tasks.retry import plan_retries, write_retry_shards
 from tasks.runs import (
+    check_api,
     find_manifest,
     layout_for,
     load_manifest,
@@ -102,18 +102,6 @@ def prepare_stage(job: JobSpec, run_date: str, store: ObjectStore, api: str) -> 
             manifest.run_id, job.source.uri,
         )  # fmt: skip
     observe.publish_run(manifest, store)
-    return manifest
-
-
-def check_api(manifest: RunManifest, api: str) -> RunManifest:
-    """A run is sent to, and collects from, the API it was prepared for; never a mix."""
-    if manifest.api is not None and manifest.api != api:
-        raise BadInputError(
-            f"run {manifest.run_id} was prepared for the API {manifest.api!r}, but this process is "
-            f"pointed at {api!r}. Point it at {manifest.api!r} again (OPENAI_BASE_URL, or "
-            "`--emulator` for the bundled emulator) to finish that run, or start a new run under "
-            "another --run-date (`nightbatch abandon` ends the old one)."
-        )
     return manifest
 
 

@@ -21,7 +21,6 @@ from flows.approval import holds_approval
 from flows.context import build_batch_api, build_store, resolve_job, resolve_run_date
 from flows.reconciling import reconcile_stage
 from flows.runstages import (
-    check_api,
     collect_stage,
     load_stage,
     poll_stage,
@@ -38,6 +37,7 @@ from tasks.batch_api import BatchApi
 from tasks.cache import ResultCache
 from tasks.errors import NightbatchError, RunWentBadlyError, TerminalError
 from tasks.runs import (
+    check_api,
     find_manifest,
     layout_for,
     load_manifest,

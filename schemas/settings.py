@@ -25,6 +25,7 @@ class Settings(BaseModel):
     stage_timeout_seconds: float = 3600.0  # a stage run still running after this is stuck
     max_stage_attempts: int = 5  # the poller starts a failed stage again at most this often
     stage_backoff_seconds: float = 60.0  # before starting a failed stage again (doubles each time)
+    run_date_timezone: str = "UTC"  # the run date of a run given none and started by no schedule
     storage_options: dict[str, str] = {}
 
     @classmethod
@@ -47,4 +48,5 @@ class Settings(BaseModel):
             stage_timeout_seconds=float(env.get("NIGHTBATCH_STAGE_TIMEOUT_SECONDS", 3600)),
             max_stage_attempts=int(env.get("NIGHTBATCH_MAX_STAGE_ATTEMPTS", 5)),
             stage_backoff_seconds=float(env.get("NIGHTBATCH_STAGE_BACKOFF_SECONDS", 60)),
+            run_date_timezone=env.get("NIGHTBATCH_RUN_DATE_TIMEZONE") or "UTC",
         )

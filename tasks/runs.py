@@ -120,3 +120,15 @@ def refresh_job(manifest: RunManifest, job: JobSpec) -> RunManifest:
                 f"{manifest_layout(manifest).run_dir} to prepare this date again."
             )
     return manifest.model_copy(update={"job": job})
+
+
+def check_api(manifest: RunManifest, api: str) -> RunManifest:
+    """A run is sent to, and collects from, the API it was prepared for; never a mix."""
+    if manifest.api is not None and manifest.api != api:
+        raise BadInputError(
+            f"run {manifest.run_id} was prepared for the API {manifest.api!r}, but this process is "
+            f"pointed at {api!r}. Point it at {manifest.api!r} again (OPENAI_BASE_URL, or "
+            "`--emulator` for the bundled emulator) to finish that run, or start a new run under "
+            "another --run-date (`nightbatch abandon` ends the old one)."
+        )
+    return manifest

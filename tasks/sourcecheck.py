@@ -48,6 +48,8 @@ def validate_job_against_schema(job: JobSpec, schema: pa.Schema) -> list[str]:
     for name in fields:
         if name not in available:
             error = _unknown_column(name, available, "template field")
+            if name.isidentifier():
+                raise error
             raise BadInputError(f"{error} (For a literal brace in a template, write {{{{ or }}}}.)")
         _check_renderable(name, schema.field(name).type)
     for column in filter_columns(job):
