@@ -66,6 +66,11 @@ def run_markdown(
         f"- rows selected: **{manifest.rows_selected}**, shards: **{len(manifest.shards)}**, "
         f"attempts: **{manifest.current_attempt if manifest.shards else 0}**",
     ]
+    if manifest.cache_hits or manifest.rows_refused:
+        lines.append(
+            f"- served from the cache: **{manifest.cache_hits}**; not sent (they cannot succeed, "
+            f"in the dead letter): **{manifest.rows_refused}**"
+        )
     if manifest.estimate:
         lines.append(
             f"- estimate: **${manifest.estimate.batch_usd:.4f}** at batch prices "
@@ -156,6 +161,7 @@ def publish_loaded(manifest: RunManifest, records: list[dict[str, Any]]) -> None
             "run_id": manifest.run_id,
             "rows": manifest.rows_selected,
             "dead_lettered": manifest.dead_lettered,
+            "not_sent": manifest.rows_refused,
             "dead_letter_fraction": manifest.dead_lettered / manifest.rows_selected
             if manifest.rows_selected
             else 0.0,

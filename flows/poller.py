@@ -16,9 +16,10 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows import launcher, observe
+from flows.advancing import advance_run
 from flows.context import build_batch_api, build_store, resolve_job
 from flows.runstages import poll_stage, retryable_rows
-from flows.stages import TASK_RUNNER, advance_run
+from flows.stages import TASK_RUNNER
 from schemas.job import JobSpec
 from schemas.manifest import RunManifest
 from schemas.settings import Settings
