@@ -59,6 +59,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from flows.context import build_store
     from schemas.settings import Settings
+    from tasks.providerfiles import held_files
     from tasks.runs import list_manifests
 
     root, job = _scope(args)
@@ -103,6 +104,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
         if m.dead_letter_uri:
             print(f"  dead letter: {m.dead_letter_uri}")
+        held = held_files(m)
+        if held:
+            kept = " (provider_files: keep)" if m.job.provider_files == "keep" else ""
+            print(
+                f"  files at the provider{kept}: {len(held)} ({', '.join(held[:4])}{' ...' if len(held) > 4 else ''})"
+            )
         for note in m.notes:
             print(f"  note: {note}")
     return 0

@@ -1,5 +1,6 @@
 """Reconciliation as a stage: the run's batches that no shard records (tasks/reconcile.py decides)
-are cancelled while open, and their billed usage is counted once they are terminal."""
+are cancelled while open, and their billed usage is counted once they are terminal; and the run's
+files at the provider are deleted once what they hold is stored (tasks/providerfiles.py decides)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import tempfile
 from prefect import get_run_logger
 
 from schemas.manifest import TERMINAL_BATCH_STATUSES, RunManifest
+from tasks import transitions as tr
 from tasks.batch_api import BatchApi
+from tasks.providerfiles import deletable_shards, deletable_strays, shard_files, stray_files
 from tasks.reconcile import (
     add_usage,
     billed_usage_of_lines,
@@ -23,7 +26,8 @@ from tasks.storage import ObjectStore
 
 def reconcile_stage(manifest: RunManifest, store: ObjectStore, api: BatchApi) -> RunManifest:
     """Find the run's batches that no shard records; cancel the open ones and keep them on record,
-    so their usage reaches the cost record."""
+    so their usage reaches the cost record. Delete the provider files a crash left behind."""
+    manifest = delete_provider_files(manifest, store, api)
     found = strays_of(manifest, api.find_batches(run_metadata_filter(manifest.run_id)), utc_now())
     if not found:
         return manifest
@@ -68,4 +72,38 @@ def count_stray_usage(manifest: RunManifest, store: ObjectStore, api: BatchApi) 
             manifest,
             lambda m, s=counted_stray: with_stray(m, s, utc_now()),  # type: ignore[misc]
         )
+    return manifest
+
+
+def delete_provider_files(manifest: RunManifest, store: ObjectStore, api: BatchApi) -> RunManifest:
+    """Delete, at the provider, the input, output and error files of every collected shard and
+    counted stray batch (a file already gone counts as deleted), and record it. Idempotent: a crash
+    in between is finished by the next stage run."""
+    deleted = 0
+    for shard in deletable_shards(manifest):
+        for file_id in shard_files(shard):
+            api.delete_file(file_id)
+            deleted += 1
+        manifest = update_manifest(
+            store,
+            manifest,
+            lambda m, s=shard.shard_id: tr.advance_shards(  # type: ignore[misc]
+                m, {s: tr.record_provider_files_deleted}, utc_now()
+            ),
+        )
+    for stray in deletable_strays(manifest):
+        for file_id in stray_files(stray):
+            api.delete_file(file_id)
+            deleted += 1
+        done = stray.model_copy(update={"provider_files_deleted": True})
+        manifest = update_manifest(
+            store,
+            manifest,
+            lambda m, s=done: with_stray(m, s, utc_now()),  # type: ignore[misc]
+        )
+    if deleted:
+        get_run_logger().info(
+            "run %s: deleted %d file(s) at the provider (their contents are stored)",
+            manifest.run_id, deleted,
+        )  # fmt: skip
     return manifest

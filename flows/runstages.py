@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from prefect import get_run_logger
 
 from flows import observe
-from flows.reconciling import count_stray_usage
+from flows.reconciling import count_stray_usage, delete_provider_files
 from schemas.job import JobSpec
 from schemas.manifest import RunManifest
 from tasks import transitions as tr
@@ -179,6 +179,7 @@ def collect_stage(manifest: RunManifest, store: ObjectStore, api: BatchApi) -> R
             counts.retryable, counts.missing,
         )  # fmt: skip
     manifest = count_stray_usage(manifest, store, api)
+    manifest = delete_provider_files(manifest, store, api)
     if ready:
         observe.publish_run(manifest, store)
     return manifest

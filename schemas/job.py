@@ -235,6 +235,12 @@ class JobSpec(_Strict):
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     tags: dict[str, str] = Field(default_factory=dict)
+    provider_files: Literal["delete", "keep"] = Field(
+        default="delete",
+        description="What becomes of a batch's input, output and error files at the provider once "
+        "its results are stored: deleted (the prompts and answers do not stay in the organisation's "
+        "file storage), or kept",
+    )
     prices: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="Prices per 1M tokens for models missing from (or overriding) the shipped table: "

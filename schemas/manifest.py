@@ -68,6 +68,7 @@ class Shard(BaseModel):
     results_uri: str | None = None
     errors_uri: str | None = None
     counts: ShardCounts = Field(default_factory=ShardCounts)
+    provider_files_deleted: bool = False  # its input, output and error files, once collected
 
 
 class CostEstimate(BaseModel):
@@ -87,11 +88,13 @@ class StrayBatch(BaseModel):
     shard_id: str
     attempt: int
     status: str
+    input_file_id: str | None = None
     output_file_id: str | None = None
     error_file_id: str | None = None
     found_at: str
     usage_counted: bool = False
     usage: dict[str, dict[str, int]] = Field(default_factory=dict)  # per model, as the cost record
+    provider_files_deleted: bool = False
 
 
 class Approval(BaseModel):

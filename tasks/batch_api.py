@@ -14,7 +14,7 @@ from typing import IO, Any, TypeVar
 import openai
 from pydantic import BaseModel, Field
 
-from tasks.errors import BatchApiError, BatchApiUnavailable
+from tasks.errors import BatchApiError, BatchApiUnavailable, ProviderFileGoneError
 
 T = TypeVar("T")
 
@@ -81,8 +81,13 @@ def _translate(exc: Exception, what: str, secret: str | None = None) -> Exceptio
         message = redact(str(exc.message), secret)
         if status == 429 or status >= 500 or status == 408:
             return BatchApiUnavailable(f"{what}: HTTP {status}: {message}", _retry_after(exc))
-        return BatchApiError(f"{what}: HTTP {status}: {message}")
+        return BatchApiError(f"{what}: HTTP {status}: {message}", status)
     return exc
+
+
+# The provider's own retention of our files, a second line of defence behind deleting them once
+# collected (tasks/providerfiles.py): a week covers the 24-hour window, the wait and a late resume.
+FILE_RETENTION: Any = {"anchor": "created_at", "seconds": 7 * 24 * 3600}
 
 
 class BatchApi:
@@ -145,7 +150,9 @@ class BatchApi:
     def upload(self, handle: IO[bytes], filename: str) -> str:
         def do() -> str:
             handle.seek(0)
-            return self.client.files.create(file=(filename, handle), purpose="batch").id
+            return self.client.files.create(
+                file=(filename, handle), purpose="batch", expires_after=FILE_RETENTION
+            ).id
 
         return self._call(f"upload {filename}", do)
 
@@ -160,6 +167,7 @@ class BatchApi:
                 endpoint=endpoint,  # type: ignore[arg-type]
                 completion_window="24h",
                 metadata=metadata,
+                output_expires_after=FILE_RETENTION,
             ),
             retry=False,
         )
@@ -217,4 +225,9 @@ class BatchApi:
                     written += len(chunk)
             return written
 
-        return self._call(f"download {file_id}", do)
+        try:
+            return self._call(f"download {file_id}", do)
+        except BatchApiError as exc:
+            if exc.status == 404:
+                raise ProviderFileGoneError(str(exc), 404) from None
+            raise

@@ -427,14 +427,13 @@ def _fresh_stamp(now: datetime) -> str:
 def keys_of_request_file(
     store: ObjectStore, request_uri: str, wanted: set[str]
 ) -> dict[str, bytes]:
-    """custom_id -> cache key of the wanted lines of a shard's request file (streamed)."""
+    """custom_id -> cache key of the wanted lines of a shard's request file (read in large ranges)."""
     keys: dict[str, bytes] = {}
-    with store.open_read(request_uri) as handle:
-        for line in handle:
-            if line.strip():
-                custom_id = custom_id_of_line(line)
-                if custom_id in wanted:
-                    keys[custom_id] = cache_key_from_line(line)
+    for line in store.iter_lines(request_uri):
+        if line.strip():
+            custom_id = custom_id_of_line(line)
+            if custom_id in wanted:
+                keys[custom_id] = cache_key_from_line(line)
     return keys
 
 

@@ -11,6 +11,7 @@ in file order on the calling thread."""
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections import deque
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from schemas.manifest import Shard, ShardCounts
 from schemas.tables import ERRORS_SCHEMA, results_schema
 from tasks.batch_api import BatchApi
 from tasks.cache import CacheWrite, ResultCache, cache_shard_results
+from tasks.errors import ProviderFileGoneError
 from tasks.layout import RunLayout
 from tasks.parse import LineParser, ParsedLines
 from tasks.storage import ObjectStore
@@ -39,6 +41,8 @@ CHUNK_BYTES = 4 << 20  # a chunk of an output file parsed at once
 READ_AHEAD = 2  # chunks parsed ahead, on READ_THREADS other threads
 READ_THREADS = 2
 WRITE_AHEAD = 2  # tables queued for a sink's writer thread
+
+log = logging.getLogger("nightbatch.collect")
 
 
 class _TableSink:
@@ -191,7 +195,14 @@ def collect_shard(
             if not file_id:
                 continue
             spool = stack.enter_context(tempfile.TemporaryFile())
-            api.download(file_id, spool)
+            try:
+                api.download(file_id, spool)
+            except ProviderFileGoneError:  # its lines are never seen: missing, and sent again
+                log.warning(
+                    "shard %s: file %s of batch %s is no longer at the provider; its lines count "
+                    "as missing and are sent again", shard.shard_id, file_id, shard.batch_id,
+                )  # fmt: skip
+                continue
             for chunk, parsed in _read_ahead(parser, _iter_chunks(spool)):
                 for row in _collect_chunk(parser, chunk, parsed, lines, results):
                     errors.add(row)

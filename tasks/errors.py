@@ -15,6 +15,7 @@ exceptions. Exceptions are for what stops a stage:
         ├── LeaseLostError      another process holds the submit lease of a shard: leave it to them
         ├── RunWentBadlyError   loaded, but with more dead letters than limits.max_dead_letter_fraction
         └── BatchApiError       the Batch API refused a request (400/401/404/409...)
+            └── ProviderFileGoneError  an output or error file the provider no longer has
 """
 
 from __future__ import annotations
@@ -46,7 +47,16 @@ class WriteConflictError(TransientError):
 
 
 class BatchApiError(TerminalError):
-    """The Batch API rejected a request."""
+    """The Batch API rejected a request (`status`: its HTTP status, when it answered)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class ProviderFileGoneError(BatchApiError):
+    """A batch's output or error file is no longer at the provider (its retention passed, or it was
+    deleted by hand): its lines cannot be read, so they count as missing and are sent again."""
 
 
 class BadInputError(TerminalError):

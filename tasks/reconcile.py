@@ -42,6 +42,7 @@ def strays_of(manifest: RunManifest, batches: Iterable[BatchInfo], now: str) -> 
             shard_id=b.metadata.get("nightbatch_shard", "?"),
             attempt=int(b.metadata.get("nightbatch_attempt", "0") or 0),
             status=b.status,
+            input_file_id=b.input_file_id,
             output_file_id=b.output_file_id,
             error_file_id=b.error_file_id,
             found_at=now,

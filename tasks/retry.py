@@ -85,15 +85,15 @@ def write_retry_shards(
     keyed = manifest.job.cache.enabled  # the copies' sidecars hold their cache keys, as prepare's
     try:
         for batch_id, ids in sorted(plan.by_source_shard.items()):
-            with store.open_read(by_batch[batch_id].request_uri) as handle:
-                planned = (raw for raw in handle if raw.strip() and custom_id_of_line(raw) in ids)
-                for group in _groups(planned, RETRY_GROUP_LINES):
-                    bodies = [orjson.loads(raw)["body"] for raw in group]
-                    tokens = count_requests_tokens(endpoint, bodies)
-                    for raw, count in zip(group, tokens, strict=True):
-                        line = raw if raw.endswith(b"\n") else raw + b"\n"
-                        key = cache_key_from_line(line) if keyed else None
-                        packer.add(custom_id_of_line(raw), line, count, key)
+            lines = store.iter_lines(by_batch[batch_id].request_uri)
+            planned = (raw for raw in lines if raw.strip() and custom_id_of_line(raw) in ids)
+            for group in _groups(planned, RETRY_GROUP_LINES):
+                bodies = [orjson.loads(raw)["body"] for raw in group]
+                tokens = count_requests_tokens(endpoint, bodies)
+                for raw, count in zip(group, tokens, strict=True):
+                    line = raw if raw.endswith(b"\n") else raw + b"\n"
+                    key = cache_key_from_line(line) if keyed else None
+                    packer.add(custom_id_of_line(raw), line, count, key)
     except BaseException:
         packer.abort()
         raise

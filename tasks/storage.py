@@ -52,6 +52,9 @@ def _precondition_failed(exc: BaseException) -> bool:
     return "pre-conditions you specified did not hold" in str(exc)
 
 
+LINE_CHUNK_BYTES = 16 << 20
+
+
 class ObjectStore:
     """Reads and writes whole objects and Parquet files by URI. Writes are atomic: a reader sees the
     old object or the new one, never a half-written one."""
@@ -162,6 +165,21 @@ class ObjectStore:
         fs, path = self.fs(uri)
         with fs.open(path, "rb") as handle:
             yield handle
+
+    def iter_lines(self, uri: str, chunk_bytes: int = LINE_CHUNK_BYTES) -> Iterator[bytes]:
+        """The lines of an object, each with its newline (the last maybe without), read in ranges of
+        `chunk_bytes`: never a request, nor a Python-level readline, per line (on S3 a line by line
+        read through fsspec's read-ahead cache took minutes for a few hundred MB)."""
+        fs, path = self.fs(uri)
+        with fs.open(path, "rb", block_size=chunk_bytes) as handle:
+            tail = b""
+            while chunk := handle.read(chunk_bytes):
+                lines = (tail + chunk).split(b"\n")
+                tail = lines.pop()
+                for line in lines:
+                    yield line + b"\n"
+            if tail:
+                yield tail
 
     def size(self, uri: str) -> int:
         fs, path = self.fs(uri)

@@ -114,6 +114,11 @@ def record_collected(shard: Shard, results_uri: str, errors_uri: str, counts: Sh
     )
 
 
+def record_provider_files_deleted(shard: Shard) -> Shard:
+    _require(shard, ("collected",), "record the provider files deleted of")
+    return shard.model_copy(update={"provider_files_deleted": True})
+
+
 def replace_shard(manifest: RunManifest, shard: Shard, now: str) -> RunManifest:
     shards = [shard if s.shard_id == shard.shard_id else s for s in manifest.shards]
     return manifest.model_copy(update={"shards": shards, "updated_at": now})

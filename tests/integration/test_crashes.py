@@ -70,3 +70,5 @@ def test_sigkill_at_each_boundary_then_rerun(point: str, tmp_path: Path, emulato
     assert_no_orphan_uploads(stats)
     assert stats["batches"]["created"] == 4  # three shards, plus one retry shard
     assert stats["usage"]["gpt-4o-mini"]["requests"] == ROWS  # nothing billed twice
+    # a crash between collect and the clean-up is finished by the rerun: nothing left at the provider
+    assert not [i for i, f in stats["files"]["items"].items() if not f["deleted"]]

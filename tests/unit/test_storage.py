@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tasks.storage import ObjectStore
 
 
@@ -22,3 +24,26 @@ def test_atomic_write_leaves_no_temporary_file(tmp_path: Path) -> None:
     store.write_bytes(str(target), b"1")
     store.write_bytes(str(target), b"2")
     assert target.read_bytes() == b"2" and [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+@pytest.mark.parametrize("storage", ["local", "s3"])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"one\n",
+        b"one\ntwo",
+        b'{"custom_id": "r-1"}\n\n{"custom_id": "r-2"}\n' * 50,
+        b"x" * 70 + b"\n" + b"y" * 3 + b"\n",  # a line longer than a chunk, then a short one
+    ],
+)
+def test_iter_lines_reads_in_ranges_and_gives_every_line_whole(
+    tmp_path: Path, storage: str, data: bytes, request: pytest.FixtureRequest
+) -> None:
+    root = f"s3://{request.getfixturevalue('s3_env')}" if storage == "s3" else str(tmp_path)
+    store = ObjectStore()
+    uri = f"{root}/requests/shard.jsonl"
+    store.write_bytes(uri, data)
+    lines = list(store.iter_lines(uri, chunk_bytes=16))
+    assert b"".join(lines) == data
+    assert lines == data.splitlines(keepends=True)
