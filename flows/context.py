@@ -10,7 +10,7 @@ import openai
 from schemas.job import JobSpec
 from schemas.rundate import RunDateError, parse_run_date, run_date_at
 from schemas.settings import Settings
-from tasks.batch_api import BatchApi
+from tasks.batch_api import SDK_RETRIES, BatchApi
 from tasks.errors import BadInputError, TerminalError
 from tasks.preflight import read_job
 from tasks.storage import ObjectStore
@@ -64,6 +64,7 @@ def openai_client(settings: Settings) -> openai.OpenAI:
         organization=settings.openai_organization,
         project=settings.openai_project,
         timeout=openai.Timeout(600.0, connect=10.0),
+        max_retries=SDK_RETRIES,
     )
 
 

@@ -1,13 +1,12 @@
 """The Batch API adapter: the only module that talks to the `openai` SDK.
 
 Every call maps SDK exceptions onto our hierarchy: connection errors, timeouts, 429 and 5xx become
-`BatchApiUnavailable` (retried by the caller with backoff, honouring Retry-After); other API errors
-become `BatchApiError`. Empty-string file ids are treated as absent."""
+`BatchApiUnavailable` (after the SDK's own retries); other API errors become `BatchApiError`.
+Empty-string file ids are treated as absent."""
 
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Callable, Iterator
 from typing import IO, Any, TypeVar
 
@@ -88,30 +87,26 @@ def _translate(exc: Exception, what: str, secret: str | None = None) -> Exceptio
 # The provider's own retention of our files, a second line of defence behind deleting them once
 # collected (tasks/providerfiles.py): a week covers the 24-hour window, the wait and a late resume.
 FILE_RETENTION: Any = {"anchor": "created_at", "seconds": 7 * 24 * 3600}
+SDK_RETRIES = 4  # of an idempotent call (retrieve, list, download, delete, cancel), by the SDK
 
 
 class BatchApi:
     """Files + Batches operations over an injected `openai.OpenAI` client.
 
-    `attempts` bounds our own retries of transient failures; the SDK's retries are switched off for
-    `batches.create` because it sends no idempotency key (a retried create can make a second batch)."""
+    One retry layer per concern: the SDK retries idempotent calls (`SDK_RETRIES`, set where the
+    client is built, with backoff that honours Retry-After); uploads and `batches.create` are never
+    retried here — they carry no idempotency key, so the submit task is retried instead, and looks
+    the batch up (and deletes orphaned uploads) before creating again; Prefect retries a task on a
+    transient failure only."""
 
     def __init__(
         self,
         client: openai.OpenAI,
         *,
-        attempts: int = 5,
-        backoff_seconds: float = 0.5,
-        max_backoff_seconds: float = 30.0,
-        sleep: Callable[[float], None] = time.sleep,
         client_factory: Callable[[], openai.OpenAI] | None = None,
     ) -> None:
         self.client = client
         self.client_factory = client_factory
-        self.attempts = attempts
-        self.backoff_seconds = backoff_seconds
-        self.max_backoff_seconds = max_backoff_seconds
-        self.sleep = sleep
 
     def __getstate__(self) -> dict[str, Any]:
         """Picklable (for process-based task runners such as Dask) when built with a client factory:
@@ -127,30 +122,24 @@ class BatchApi:
         assert self.client_factory is not None
         self.client = self.client_factory()
 
-    def _call(self, what: str, fn: Callable[[], T], *, retry: bool = True) -> T:
-        delay = self.backoff_seconds
-        for attempt in range(1, self.attempts + 1):
-            try:
-                return fn()
-            except Exception as exc:  # noqa: BLE001 - translated below
-                translated = _translate(exc, what, getattr(self.client, "api_key", None))
-                if (
-                    not retry
-                    or not isinstance(translated, BatchApiUnavailable)
-                    or attempt == self.attempts
-                ):
-                    if isinstance(exc, openai.APIStatusError):
-                        raise translated from None  # its message may echo the key; ours is redacted
-                    raise translated from exc
-                wait = translated.retry_after if translated.retry_after is not None else delay
-                self.sleep(min(wait, self.max_backoff_seconds))
-                delay = min(delay * 2, self.max_backoff_seconds)
-        raise AssertionError("unreachable")
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """One call (the SDK retries it, when the client allows), its errors translated."""
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - translated below
+            translated = _translate(exc, what, getattr(self.client, "api_key", None))
+            if isinstance(exc, openai.APIStatusError):
+                raise translated from None  # its message may echo the key; ours is redacted
+            raise translated from exc
 
     def upload(self, handle: IO[bytes], filename: str) -> str:
+        """One upload, not retried here: a retried upload whose first answer was lost leaves a
+        second file; the submit task is retried instead, and deletes orphaned uploads first."""
+        client = self.client.with_options(max_retries=0)
+
         def do() -> str:
             handle.seek(0)
-            return self.client.files.create(
+            return client.files.create(
                 file=(filename, handle), purpose="batch", expires_after=FILE_RETENTION
             ).id
 
@@ -169,7 +158,6 @@ class BatchApi:
                 metadata=metadata,
                 output_expires_after=FILE_RETENTION,
             ),
-            retry=False,
         )
         return BatchInfo.from_sdk(batch)
 

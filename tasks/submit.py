@@ -13,6 +13,7 @@ The protocol, safe against a crash, a retry or a concurrent submitter at any poi
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 
 from schemas.manifest import Shard
@@ -22,6 +23,7 @@ from tasks.errors import BatchApiUnavailable
 from tasks.storage import ObjectStore
 
 CREATE_ATTEMPTS = 4
+MAX_CREATE_BACKOFF_SECONDS = 30.0
 
 
 def shard_metadata(run_id: str, shard: Shard) -> dict[str, str]:
@@ -98,7 +100,7 @@ def submit_shard(
             if existing is not None:
                 return existing
             wait = exc.retry_after if exc.retry_after is not None else 0.5 * 2**attempt
-            (sleep or api.sleep)(min(wait, api.max_backoff_seconds))
+            (sleep or time.sleep)(min(wait, MAX_CREATE_BACKOFF_SECONDS))
     with contextlib.suppress(Exception):
         api.delete_file(file_id)
     assert last_error is not None
