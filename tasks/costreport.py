@@ -49,8 +49,16 @@ def past_output_mean(
         return None
     past = records[
         (records["job"] == job_name)
-        & (records["model"].str.startswith(model))
+        & (records["model"].map(lambda m: m == model or _snapshot_of(m) == model))
         & (records["run_date"] != exclude_run_date)
     ]
     lines = int(past["billed_lines"].sum())
     return float(past["output_tokens"].sum()) / lines if lines else None
+
+
+def _snapshot_of(model: str) -> str | None:
+    """The base name of a dated snapshot (`gpt-4o-mini-2024-07-18` -> `gpt-4o-mini`), else None:
+    `gpt-4o` never averages `gpt-4o-mini` runs."""
+    base, dash, date = model[:-11], model[-11:-10], model[-10:]
+    is_date = len(date) == 10 and date[4] == date[7] == "-" and date.replace("-", "").isdigit()
+    return base if dash == "-" and is_date else None

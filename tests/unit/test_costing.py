@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from schemas.pricing import TokenPrices, load_price_table
@@ -248,3 +250,30 @@ def test_estimate_output_tokens_custom_default_and_bad_input() -> None:
         estimate_output_tokens(None, float("nan"))
     with pytest.raises(ValueError):
         estimate_output_tokens(-1, None)
+
+
+def test_past_output_mean_matches_the_model_and_its_snapshots_not_its_prefix(
+    tmp_path: Path,
+) -> None:
+    """gpt-4o's estimate is not averaged with gpt-4o-mini's runs (a name prefix, not the model)."""
+    from schemas.tables import COST_RECORD_SCHEMA
+    from tasks.costreport import past_output_mean
+    from tasks.storage import ObjectStore
+
+    store = ObjectStore()
+    rows = [  # model billed, output tokens, billed lines
+        ("2026-11-01", "gpt-4o-2024-08-06", 1000, 10),
+        ("2026-11-02", "gpt-4o-mini", 50_000, 10),
+        ("2026-11-03", "gpt-4o-mini-2024-07-18", 70_000, 10),
+        ("2026-11-04", "gpt-4o", 3000, 10),
+    ]
+    for day, model, output, lines in rows:
+        record = {name: None for name in COST_RECORD_SCHEMA.names}
+        record.update(job="j", run_date=day, model=model, output_tokens=output, billed_lines=lines,
+                      tags=[])  # fmt: skip
+        store.write_table(
+            f"{tmp_path}/costs/j__{day}.parquet",
+            pa.Table.from_pylist([record], schema=COST_RECORD_SCHEMA),
+        )
+    assert past_output_mean(store, str(tmp_path), "j", "gpt-4o", "2026-12-01") == 200.0
+    assert past_output_mean(store, str(tmp_path), "j", "gpt-4o-mini", "2026-12-01") == 6000.0
