@@ -22,13 +22,17 @@ from tasks.reconcile import (
 )
 from tasks.runs import update_manifest, utc_now
 from tasks.storage import ObjectStore
+from tasks.submit import lookup_since
 
 
 def reconcile_stage(manifest: RunManifest, store: ObjectStore, api: BatchApi) -> RunManifest:
     """Find the run's batches that no shard records; cancel the open ones and keep them on record,
     so their usage reaches the cost record. Delete the provider files a crash left behind."""
     manifest = delete_provider_files(manifest, store, api)
-    found = strays_of(manifest, api.find_batches(run_metadata_filter(manifest.run_id)), utc_now())
+    batches = api.find_batches(
+        run_metadata_filter(manifest.run_id), lookup_since(manifest.created_at)
+    )
+    found = strays_of(manifest, batches, utc_now())
     if not found:
         return manifest
     logger = get_run_logger()

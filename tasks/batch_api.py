@@ -171,28 +171,35 @@ class BatchApi:
             self._call(f"cancel {batch_id}", lambda: self.client.batches.cancel(batch_id))
         )
 
-    def iter_batches(self) -> Iterator[BatchInfo]:
+    def iter_batches(self, since: float | None = None) -> Iterator[BatchInfo]:
+        """The organisation's batches, newest first; with `since` (epoch seconds), the listing stops
+        after a whole page created before it (so the cost of a look-up does not grow with history;
+        a page of margin, as the API does not promise its order)."""
         page = self._call("list batches", lambda: self.client.batches.list(limit=100))
         while True:
-            for batch in page.data:
-                yield BatchInfo.from_sdk(batch)
-            if not page.has_next_page():
+            batches = [BatchInfo.from_sdk(batch) for batch in page.data]
+            yield from batches
+            if _all_before(batches, since) or not page.has_next_page():
                 return
             page = self._call("list batches", page.get_next_page)
 
-    def find_batches(self, metadata: dict[str, str]) -> list[BatchInfo]:
-        """Batches whose metadata contains every given pair (the API cannot filter: scan)."""
+    def find_batches(self, metadata: dict[str, str], since: float | None = None) -> list[BatchInfo]:
+        """Batches whose metadata contains every given pair, created after `since` (the API cannot
+        filter: the listing is scanned back to `since`)."""
         return [
             b
-            for b in self.iter_batches()
+            for b in self.iter_batches(since)
             if all(b.metadata.get(k) == v for k, v in metadata.items())
         ]
 
-    def iter_files(self) -> Iterator[Any]:
-        page = self._call("list files", lambda: self.client.files.list(purpose="batch"))
+    def iter_files(self, since: float | None = None) -> Iterator[Any]:
+        """The organisation's batch files, newest first, back to `since` (as `iter_batches`)."""
+        page = self._call(
+            "list files", lambda: self.client.files.list(purpose="batch", order="desc", limit=1000)
+        )
         while True:
             yield from page.data
-            if not page.has_next_page():
+            if _all_before(page.data, since) or not page.has_next_page():
                 return
             page = self._call("list files", page.get_next_page)
 
@@ -219,3 +226,10 @@ class BatchApi:
             if exc.status == 404:
                 raise ProviderFileGoneError(str(exc), 404) from None
             raise
+
+
+def _all_before(items: list[Any], since: float | None) -> bool:
+    """Whether a whole non-empty page was created before `since`."""
+    return (
+        since is not None and bool(items) and all((item.created_at or 0) < since for item in items)
+    )

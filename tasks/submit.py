@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from datetime import datetime
 
 from schemas.manifest import Shard
 from tasks.batch_api import BatchApi, BatchInfo
@@ -24,6 +25,7 @@ from tasks.storage import ObjectStore
 
 CREATE_ATTEMPTS = 4
 MAX_CREATE_BACKOFF_SECONDS = 30.0
+LOOKUP_MARGIN_SECONDS = 24 * 3600.0
 
 
 def shard_metadata(run_id: str, shard: Shard) -> dict[str, str]:
@@ -39,8 +41,16 @@ def upload_filename(run_id: str, shard: Shard) -> str:
     return f"nightbatch.{run_id}.{shard.shard_id}.jsonl"
 
 
+def lookup_since(started_at: str | None) -> float | None:
+    """How far back a look-up for what a submit (or run) begun at `started_at` created must go:
+    nothing of it is older; a day of margin for clocks."""
+    if started_at is None:
+        return None
+    return datetime.fromisoformat(started_at).timestamp() - LOOKUP_MARGIN_SECONDS
+
+
 def find_existing_batch(api: BatchApi, run_id: str, shard: Shard) -> BatchInfo | None:
-    matches = api.find_batches(shard_metadata(run_id, shard))
+    matches = api.find_batches(shard_metadata(run_id, shard), lookup_since(shard.submit_started_at))
     if not matches:
         return None
     usable = [b for b in matches if b.status != "failed"] or matches
@@ -51,7 +61,7 @@ def delete_orphan_uploads(api: BatchApi, run_id: str, shard: Shard, keep: str | 
     """Delete uploads of this shard that no batch uses (left by a crash between upload and create)."""
     name = upload_filename(run_id, shard)
     deleted = 0
-    for file in api.iter_files():
+    for file in api.iter_files(lookup_since(shard.submit_started_at)):
         if file.filename == name and file.id != keep:
             api.delete_file(file.id)
             deleted += 1
