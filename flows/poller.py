@@ -26,7 +26,7 @@ from schemas.settings import Settings
 from tasks.advance import decide_launch, key_prefix, next_step, step_key
 from tasks.batch_api import BatchApi
 from tasks.errors import NightbatchError
-from tasks.runs import list_manifests, refresh_job
+from tasks.runs import list_open_manifests, refresh_job
 from tasks.storage import ObjectStore
 
 STAGE_FLOWS = {"submit": "submit", "collect": "collect", "retry": "retry-failures", "load": "load"}
@@ -52,7 +52,7 @@ def poller(jobs: list[JobSpec | str], launch: bool = True) -> dict[str, Any]:
     api = build_batch_api(settings)
     report: dict[str, Any] = {}
     for job in map(resolve_job, jobs):
-        for manifest in list_manifests(store, job.storage_root):
+        for manifest in list_open_manifests(store, job.storage_root, datetime.now(UTC)):
             if manifest.job_name != job.name or next_step(manifest, time.time()) == "done":
                 continue
             try:

@@ -21,7 +21,7 @@ from tasks.costrecord import check_budget
 from tasks.crashpoints import crash_point
 from tasks.errors import BudgetExceededError, LeaseLostError
 from tasks.leases import new_owner, owner_is_gone
-from tasks.runs import list_manifests, load_manifest, manifest_layout, update_manifest, utc_now
+from tasks.runs import list_open_manifests, load_manifest, manifest_layout, update_manifest, utc_now
 from tasks.steps import submit_shard_task
 from tasks.storage import ObjectStore
 
@@ -44,9 +44,8 @@ def submit_stage(
             return manifest
         manifest = approved
     owner, lease = new_owner(), settings.submit_lease_seconds
-    queue = queue_state(
-        list_manifests(store, job.storage_root), job.request.model, datetime.now(UTC)
-    )
+    now = datetime.now(UTC)
+    queue = queue_state(list_open_manifests(store, job.storage_root, now), job.request.model, now)
 
     def claim(m: RunManifest) -> RunManifest:
         now, now_epoch = utc_now(), time.time()

@@ -9,6 +9,9 @@ def join_uri(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+OPEN_RUNS_DIR = "runs-open"
+
+
 def run_id_for(job_name: str, run_date: str) -> str:
     return f"{job_name}-{run_date}"
 
@@ -26,6 +29,11 @@ class RunLayout:
     @property
     def manifest(self) -> str:
         return join_uri(self.run_dir, "manifest.json")
+
+    @property
+    def open_marker(self) -> str:
+        """The run's entry in the index of open runs (tasks.runs.list_open_manifests)."""
+        return join_uri(self.root, OPEN_RUNS_DIR, f"{self.job_name}__{self.run_date}")
 
     def request_file(self, attempt: int, index: int) -> str:
         return join_uri(self.run_dir, "requests", f"attempt-{attempt}", f"shard-{index:05d}.jsonl")

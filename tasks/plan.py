@@ -18,7 +18,7 @@ from tasks.costreport import past_output_mean
 from tasks.layout import RunLayout, run_id_for
 from tasks.preflight import PreflightResult
 from tasks.prepare import write_shards
-from tasks.runs import list_manifests
+from tasks.runs import list_open_manifests
 from tasks.storage import ObjectStore
 
 
@@ -69,7 +69,8 @@ def make_plan(checked: PreflightResult, store: ObjectStore, api: str) -> Plan:
     tokens = sum(s.input_tokens for s in result.shards)
     past = past_output_mean(store, job.storage_root, job.name, job.request.model, run_date)
     estimate = estimate_cost(job, to_send, tokens, past)
-    queue = queue_state(list_manifests(store, job.storage_root), job.request.model, now)
+    open_runs = list_open_manifests(store, job.storage_root, now, tidy=False)
+    queue = queue_state(open_runs, job.request.model, now)
     admitted = admit(result.shards, queue, job.limits.max_enqueued_tokens)
     budget = job.limits.max_cost_usd
     notes = []

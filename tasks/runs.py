@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from schemas.job import JobSpec
 from schemas.manifest import RunManifest
 from tasks.errors import BadInputError, RunNotFoundError, WriteConflictError
-from tasks.layout import RunLayout, join_uri, run_id_for
+from tasks.layout import OPEN_RUNS_DIR, RunLayout, join_uri, run_id_for
 from tasks.storage import ObjectStore
 
 
@@ -53,7 +53,10 @@ def save_manifest(store: ObjectStore, manifest: RunManifest) -> RunManifest:
     """Compare-and-swap: written only if the stored manifest is still the version this one was read
     at (a manifest never read, only if none exists); else WriteConflictError. Readers see the
     previous manifest or this one, never a mix. Returns the manifest at its new version."""
-    uri = manifest_layout(manifest).manifest
+    layout = manifest_layout(manifest)
+    uri = layout.manifest
+    if manifest._version is None:  # a new run: into the index of open runs first
+        store.write_bytes(layout.open_marker, manifest.run_id.encode())
     version = store.write_if_version(
         uri, manifest.model_dump_json(indent=1).encode(), manifest._version
     )
@@ -94,6 +97,45 @@ def list_manifests(store: ObjectStore, root: str) -> list[RunManifest]:
         manifest._version = version
         manifests.append(manifest)
     return manifests
+
+
+CLOSED_RUN_KEPT_SECONDS = 3600.0  # a closed run stays in the index this long (queue_state's hour)
+
+
+def list_open_manifests(
+    store: ObjectStore, root: str, now: datetime, tidy: bool = True
+) -> list[RunManifest]:
+    """The runs under `root` that are open, or closed (loaded, abandoned) within the past hour,
+    from the index of open runs: the poller's and submit's cost stays the same whatever the
+    history. With `tidy`, entries of runs closed longer are removed, and a root written before the
+    index existed is indexed once, from every manifest (without, nothing is written)."""
+    index = join_uri(root, OPEN_RUNS_DIR)
+    if not store.exists(join_uri(index, ".indexed")):
+        everything = [m for m in list_manifests(store, root) if not _closed_long_ago(m, now)]
+        if not tidy:
+            return everything
+        for manifest in everything:
+            store.write_bytes(manifest_layout(manifest).open_marker, manifest.run_id.encode())
+        store.write_bytes(join_uri(index, ".indexed"), b"1")
+    manifests = []
+    for marker in store.list_files(index):
+        job_name, _, run_date = marker.rsplit("/", 1)[-1].rpartition("__")
+        found = find_manifest(store, RunLayout(root=root, job_name=job_name, run_date=run_date))
+        if found is None:  # being prepared, or its prepare lost a race: nothing to do yet
+            continue
+        if _closed_long_ago(found, now):
+            if tidy:
+                store.remove(marker)
+            continue
+        manifests.append(found)
+    return manifests
+
+
+def _closed_long_ago(manifest: RunManifest, now: datetime) -> bool:
+    if manifest.status not in ("loaded", "abandoned"):
+        return False
+    closed = datetime.fromisoformat(manifest.updated_at)
+    return (now - closed).total_seconds() > CLOSED_RUN_KEPT_SECONDS
 
 
 def new_manifest(job: JobSpec, run_date: str, now: str) -> RunManifest:

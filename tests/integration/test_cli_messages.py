@@ -156,6 +156,9 @@ def s3_with_auth() -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()  # clients of other servers, from earlier tests
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}
     process = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-p", str(port), "-H", "127.0.0.1"],
@@ -171,8 +174,6 @@ def s3_with_auth() -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
-        import s3fs
-
         s3fs.S3FileSystem.clear_instance_cache()  # its clients point at this server
         process.terminate()
         process.wait(timeout=10)

@@ -135,3 +135,44 @@ def test_lease_owners_on_this_host_are_gone_when_their_process_is() -> None:
     assert not owner_is_gone(new_owner())  # this process
     assert not owner_is_gone(f"{host}:{os.getppid()}:abcd")  # alive
     assert not owner_is_gone(f"another-host-{host}:{dead_pid}:abcd")  # never guessed
+
+
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_the_index_of_open_runs_lists_open_and_lately_closed_runs_only(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The poller and submit read the open runs, not every manifest ever written."""
+    from datetime import UTC, datetime, timedelta
+
+    from tasks.runs import list_open_manifests
+
+    root = _root(kind, tmp_path, request)
+    store = ObjectStore()
+    job = chat_job(Path("/src.parquet"), tmp_path).model_copy(update={"storage_root": root})
+    now = datetime(2026, 12, 7, 12, tzinfo=UTC)
+
+    def run(day: str, status: str, closed_ago: timedelta) -> None:
+        manifest = save_manifest(store, new_manifest(job, day, now.isoformat()))
+        at = (now - closed_ago).isoformat()
+        save_manifest(store, manifest.model_copy(update={"status": status, "updated_at": at}))
+
+    run("2026-12-01", "loaded", timedelta(days=5))
+    run("2026-12-06", "loaded", timedelta(minutes=10))  # its batches count in the past hour
+    run("2026-12-07", "waiting", timedelta(0))
+    run("2026-12-02", "abandoned", timedelta(hours=2))
+
+    listed = {m.run_date for m in list_open_manifests(store, root, now, tidy=False)}
+    assert listed == {"2026-12-06", "2026-12-07"}
+    assert len(store.list_files(f"{root}/runs-open")) == 4  # tidy=False wrote and removed nothing
+    listed = {m.run_date for m in list_open_manifests(store, root, now)}
+    assert listed == {"2026-12-06", "2026-12-07"}
+    assert sorted(u.rsplit("/", 1)[-1] for u in store.list_files(f"{root}/runs-open")) == [
+        "triage__2026-12-06", "triage__2026-12-07",
+    ]  # fmt: skip
+
+    # a root from before the index: indexed once from its manifests
+    for marker in store.list_files(f"{root}/runs-open"):
+        store.remove(marker)
+    store.remove(f"{root}/runs-open/.indexed")
+    assert {m.run_date for m in list_open_manifests(store, root, now)} == listed
+    assert store.exists(f"{root}/runs-open/.indexed")
