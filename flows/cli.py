@@ -31,6 +31,10 @@ def _embedded_prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_SERVER_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL", "WARNING")
+    if not os.environ.get("PREFECT_API_URL"):  # the temporary server, on this machine
+        # Ctrl-C reaches the temporary server too (one process group) and it stops at once:
+        # without this the client retried the gone server for minutes before exiting
+        os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "1")
 
 
 @contextlib.contextmanager
@@ -83,17 +87,24 @@ def _print_summary(result: dict[str, Any], cost_uri: str | None) -> None:
 
 
 @contextlib.contextmanager
-def _maybe_emulator(args: argparse.Namespace) -> Iterator[None]:
+def _maybe_emulator(args: argparse.Namespace, root: str) -> Iterator[None]:
+    """The bundled emulator, when asked for; its state is kept per storage root (so a rerun
+    resumes against the same batches, and dry runs of other roots never meet)."""
     if not getattr(args, "emulator", False):
         yield
         return
-    state = Path(args.emulator_state or Path(tempfile.gettempdir()) / "nightbatch-emulator")
+    from tasks.layout import root_digest
+
+    default = Path(tempfile.gettempdir()) / f"nightbatch-emulator-{root_digest(root)}"
+    state = Path(args.emulator_state or default)
     with emulator_env(state) as url:
         print(f"using the bundled Batch API emulator at {url} (state in {state})")
         yield
 
 
-def _checked_job(args: argparse.Namespace) -> PreflightResult:
+def _checked_job(
+    args: argparse.Namespace, need_run: bool = False, source: bool = True
+) -> PreflightResult:
     """The pre-flight of a run command: the spec, its source, its storage root and the run it would
     resume, checked before Prefect or the emulator start (a typo answers in about a second)."""
     from flows.context import build_store
@@ -110,19 +121,33 @@ def _checked_job(args: argparse.Namespace) -> PreflightResult:
         )
     date = args.run_date or run_date_at(datetime.now(UTC), settings.run_date_timezone)
     api = "emulator" if getattr(args, "emulator", False) else settings.api_identity
-    return preflight(job, date, build_store(settings), api)
+    checked = preflight(job, date, build_store(settings), api, source=source)
+    if need_run and checked.existing is None:
+        raise BadInputError(
+            f"no run {job.name}-{date} under {job.storage_root}: nothing to {args.command}. "
+            f"`nightbatch run {args.job} --run-date {date}` starts it (check the --run-date)."
+        )
+    return checked
+
+
+def _poll_interval(args: argparse.Namespace) -> float | None:
+    """--poll-interval, else 1 s against the bundled emulator (it answers in seconds), else the
+    setting (NIGHTBATCH_POLL_INTERVAL_SECONDS, 60 s)."""
+    if args.poll_interval is not None:
+        return float(args.poll_interval)
+    return 1.0 if getattr(args, "emulator", False) else None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    checked = _checked_job(args)
+    checked = _checked_job(args, need_run=args.command == "resume")
     _embedded_prefect_defaults()
     from flows.stages import pipeline
 
-    with _maybe_emulator(args):
+    with _maybe_emulator(args, checked.job.storage_root):
         state = pipeline(
             checked.job,
             run_date=checked.run_date,
-            poll_interval_seconds=args.poll_interval,
+            poll_interval_seconds=_poll_interval(args),
             return_state=True,
         )
     from tasks.errors import RunWentBadlyError
@@ -159,28 +184,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from tasks.preflight import read_job
-
-    job = read_job(args.job)
+    checked = _checked_job(args, need_run=True)
     _embedded_prefect_defaults()
     from flows.stages import retry_run
 
-    with _maybe_emulator(args):
-        result = retry_run(job, run_date=args.run_date, extra_attempts=args.extra_attempts,
-                           poll_interval_seconds=args.poll_interval)  # fmt: skip
+    with _maybe_emulator(args, checked.job.storage_root):
+        result = retry_run(checked.job, run_date=checked.run_date,
+                           extra_attempts=args.extra_attempts,
+                           poll_interval_seconds=_poll_interval(args))  # fmt: skip
     _print_summary(result, result.get("cost_record"))
     return 0
 
 
 def cmd_abandon(args: argparse.Namespace) -> int:
-    from tasks.preflight import read_job
-
-    job = read_job(args.job)
+    checked = _checked_job(args, need_run=True, source=False)
     _embedded_prefect_defaults()
     from flows.stages import abandon
 
-    with _maybe_emulator(args):
-        result = abandon(job, run_date=args.run_date)
+    with _maybe_emulator(args, checked.job.storage_root):
+        result = abandon(checked.job, run_date=checked.run_date)
     print(
         f"run {result['run_id']} abandoned; cancelled batches: {', '.join(result['cancelled']) or 'none'}"
     )
@@ -285,8 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 done; 1 an unexpected error (a bug: the traceback is shown); 2 bad input or an
-    operational error, one message naming the fix; 3 loaded, but the run went badly; 143 stopped by
-    SIGTERM (after stopping what it started)."""
+    operational error, one message naming the fix; 3 loaded, but the run went badly; 130 / 143
+    stopped by Ctrl-C / SIGTERM (after stopping what it started)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
@@ -301,41 +323,67 @@ def main(argv: list[str] | None = None) -> int:
         "plan": cmd_plan, "status": cmd_status, "costs": cmd_costs, "cache": cmd_cache,
         "demo": cmd_demo, "samples": cmd_samples,
     }  # fmt: skip
+    from tasks.storage import NoCredentialsError, access_refused
+
     try:
-        with _stopped_by_sigterm():
+        with _stopped_by_signals():
             if getattr(args, "run_date", None):  # one spelling per day, before anything starts
                 from schemas.rundate import parse_run_date
 
                 args.run_date = parse_run_date(args.run_date)
             return commands[args.command](args)
-    except (NightbatchError, RunDateError) as exc:
+    except (NightbatchError, RunDateError, PermissionError, NoCredentialsError) as exc:
         if debug:
             traceback.print_exc()
+        if isinstance(exc, PermissionError | NoCredentialsError):  # from object storage
+            where = str(getattr(args, "target", None) or getattr(args, "job", None) or "storage")
+            exc = access_refused(where, exc)
         print(f"nightbatch: {exc}", file=sys.stderr)
         return 2
-    except Terminated:
-        print("nightbatch: stopped (SIGTERM); rerun the same command to resume", file=sys.stderr)
-        return 143
+    except BrokenPipeError:  # `nightbatch costs ... | head`: the reader has what it wanted
+        sys.stderr.close()
+        return 0
+    except BaseException as exc:
+        # stopped by a signal: whatever the way out raised (Ctrl-C also stops Prefect's temporary
+        # server, so Prefect's last calls to it fail), say so in one line
+        signum = exc.signum if isinstance(exc, Terminated) else Terminated.received
+        if signum is None:
+            raise
+        if debug:
+            traceback.print_exc()
+        how = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
+        print(f"nightbatch: stopped ({how}); rerun the same command to resume", file=sys.stderr)
+        return 128 + signum
 
 
 class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so that what the command started is stopped on the way
-    out (the emulator, Prefect's temporary server, worker threads) rather than orphaned."""
+    """SIGTERM or SIGINT, raised in the main thread so that what the command started is stopped on
+    the way out (the emulator, Prefect's temporary server, worker threads) rather than orphaned."""
+
+    received: int | None = None  # the first signal this process was stopped by
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 @contextlib.contextmanager
-def _stopped_by_sigterm() -> Iterator[None]:
+def _stopped_by_signals() -> Iterator[None]:
     def terminate(signum: int, frame: Any) -> None:
-        raise Terminated()
+        if Terminated.received is not None:
+            return  # stopping already: let the way out finish
+        Terminated.received = signum
+        raise Terminated(signum)
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, terminate)
+    previous = {sig: signal.signal(sig, terminate) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

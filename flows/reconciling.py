@@ -11,6 +11,7 @@ from prefect import get_run_logger
 from schemas.manifest import TERMINAL_BATCH_STATUSES, RunManifest
 from tasks import transitions as tr
 from tasks.batch_api import BatchApi
+from tasks.errors import ProviderFileGoneError
 from tasks.providerfiles import deletable_shards, deletable_strays, shard_files, stray_files
 from tasks.reconcile import (
     add_usage,
@@ -22,7 +23,7 @@ from tasks.reconcile import (
 )
 from tasks.runs import update_manifest, utc_now
 from tasks.storage import ObjectStore
-from tasks.submit import lookup_since
+from tasks.submit import lookup_since, root_metadata
 
 
 def reconcile_stage(manifest: RunManifest, store: ObjectStore, api: BatchApi) -> RunManifest:
@@ -30,7 +31,9 @@ def reconcile_stage(manifest: RunManifest, store: ObjectStore, api: BatchApi) ->
     so their usage reaches the cost record. Delete the provider files a crash left behind."""
     manifest = delete_provider_files(manifest, store, api)
     batches = api.find_batches(
-        run_metadata_filter(manifest.run_id), lookup_since(manifest.created_at)
+        run_metadata_filter(manifest.run_id),
+        lookup_since(manifest.created_at),
+        if_present=root_metadata(manifest.job.storage_root),
     )
     found = strays_of(manifest, batches, utc_now())
     if not found:
@@ -65,7 +68,14 @@ def count_stray_usage(manifest: RunManifest, store: ObjectStore, api: BatchApi) 
             if not file_id:
                 continue
             with tempfile.TemporaryFile() as sink:
-                api.download(file_id, sink)
+                try:
+                    api.download(file_id, sink)
+                except ProviderFileGoneError:
+                    get_run_logger().warning(
+                        "stray batch %s: file %s is gone at the provider; its usage cannot be "
+                        "counted", stray.batch_id, file_id,
+                    )  # fmt: skip
+                    continue
                 sink.seek(0)
                 add_usage(
                     usage, billed_usage_of_lines(sink, job.request.endpoint, job.request.model)

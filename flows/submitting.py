@@ -83,6 +83,7 @@ def submit_stage(
             job.request.endpoint,
             shard,
             keep_lease=functools.partial(renew, shard.shard_id),
+            root=job.storage_root,
         )  # fmt: skip
         for shard in mine
     ]

@@ -183,13 +183,21 @@ class BatchApi:
                 return
             page = self._call("list batches", page.get_next_page)
 
-    def find_batches(self, metadata: dict[str, str], since: float | None = None) -> list[BatchInfo]:
-        """Batches whose metadata contains every given pair, created after `since` (the API cannot
-        filter: the listing is scanned back to `since`)."""
+    def find_batches(
+        self,
+        metadata: dict[str, str],
+        since: float | None = None,
+        if_present: dict[str, str] | None = None,
+    ) -> list[BatchInfo]:
+        """Batches whose metadata contains every pair of `metadata` and, of `if_present`, every
+        pair whose key it has (batches made before that key existed), created after `since` (the
+        API cannot filter: the listing is scanned back to `since`)."""
+        optional = if_present or {}
         return [
             b
             for b in self.iter_batches(since)
             if all(b.metadata.get(k) == v for k, v in metadata.items())
+            and all(b.metadata.get(k, v) == v for k, v in optional.items())
         ]
 
     def iter_files(self, since: float | None = None) -> Iterator[Any]:

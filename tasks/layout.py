@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 
@@ -10,6 +11,11 @@ def join_uri(base: str, *parts: str) -> str:
 
 
 OPEN_RUNS_DIR = "runs-open"
+
+
+def root_digest(root: str) -> str:
+    """A short stable name of a storage root (for batch metadata and upload names)."""
+    return hashlib.sha256(root.rstrip("/").encode()).hexdigest()[:12]
 
 
 def run_id_for(job_name: str, run_date: str) -> str:

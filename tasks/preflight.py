@@ -50,7 +50,7 @@ def describe(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors():
         where = ".".join(str(part) for part in error["loc"] if not isinstance(part, int)) or "spec"
-        message = error["msg"].removeprefix("Value error, ")
+        message = error["msg"].removeprefix("Value error, ").removeprefix(f"{where} ")
         if error["type"] == "extra_forbidden":
             message = "not a setting nightbatch knows (a typo?)"
             if where.startswith("request."):
@@ -63,14 +63,17 @@ def describe(exc: ValidationError) -> str:
 class PreflightResult:
     job: JobSpec
     run_date: str
-    source: CheckedSource
+    source: CheckedSource | None  # None: not checked
     existing: RunManifest | None  # the run this date already has, if any
 
 
-def preflight(job: JobSpec, run_date: str, store: ObjectStore, api: str) -> PreflightResult:
-    """Check `job` for `run_date` against the API identity `api` (schemas.lineage). Reads only."""
+def preflight(
+    job: JobSpec, run_date: str, store: ObjectStore, api: str, source: bool = True
+) -> PreflightResult:
+    """Check `job` for `run_date` against the API identity `api` (schemas.lineage); without
+    `source`, leave its source alone (to abandon a run, say). Reads only."""
     row_limits(job)  # the model has a price (and, where known, a context window)
-    source = checked_source(job, store)
+    checked = checked_source(job, store) if source else None
     try:
         existing = find_manifest(store, layout_for(job, run_date))
     except (PermissionError, NoCredentialsError) as exc:
@@ -82,4 +85,4 @@ def preflight(job: JobSpec, run_date: str, store: ObjectStore, api: str) -> Pref
                 "nothing will be resumed. Run the job under another --run-date."
             )
         check_api(existing, api)
-    return PreflightResult(job, run_date, source, existing)
+    return PreflightResult(job, run_date, checked, existing)

@@ -4,6 +4,8 @@ run's refused file in the errors schema (attempt 0), from where load puts them i
 
 from __future__ import annotations
 
+import difflib
+
 import numpy as np
 import pyarrow as pa
 
@@ -23,7 +25,10 @@ def row_limits(job: JobSpec) -> RowLimits:
     try:
         price = price_table_for(job).price_for(job.request.model)
     except UnknownModelPriceError as exc:
-        raise BadInputError(str(exc)) from None
+        known = list(price_table_for(job).models)
+        close = difflib.get_close_matches(job.request.model, known, n=1, cutoff=0.8)
+        hint = f"Did you mean {close[0]!r}? Else: " if close else ""
+        raise BadInputError(f"{hint}{exc}") from None
     limits = job.limits
     return RowLimits(
         refuse_empty=job.request.endpoint == "/v1/embeddings",

@@ -36,7 +36,7 @@ def load_manifest(store: ObjectStore, layout: RunLayout) -> RunManifest:
     except FileNotFoundError:
         raise RunNotFoundError(
             f"no run {run_id_for(layout.job_name, layout.run_date)} under {layout.root}: "
-            "run prepare first (or check the job name, run date and storage_root)"
+            "`nightbatch run` starts it (or check the job name, run date and storage_root)"
         ) from None
     manifest = RunManifest.model_validate_json(raw)
     manifest._version = version

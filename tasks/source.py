@@ -64,7 +64,12 @@ def checked_source(job: JobSpec, store: ObjectStore) -> CheckedSource:
 
 
 def not_parquet(uri: str, exc: Exception) -> BadInputError:
-    reason = str(exc).split(". ")[0]
+    text = str(exc)
+    reason = (
+        "no Parquet footer: a CSV or JSON file renamed, or a file cut short"
+        if "magic bytes" in text
+        else text.split(". ")[0]
+    )
     return BadInputError(
         f"source {uri!r} is not Parquet ({reason}). nightbatch reads Parquet files: convert it "
         "(e.g. pandas.read_csv(path).to_parquet(path_parquet)) and point source.uri at the result."

@@ -58,8 +58,9 @@ def submit_shard_task(
     endpoint: str,
     shard: Shard,
     keep_lease: Callable[[], None] | None = None,
+    root: str = "",
 ) -> BatchInfo:
-    return submit_shard(api, store, run_id, endpoint, shard, keep_lease=keep_lease)
+    return submit_shard(api, store, run_id, endpoint, shard, keep_lease=keep_lease, root=root)
 
 
 @task(

@@ -21,6 +21,7 @@ from schemas.manifest import Shard
 from tasks.batch_api import BatchApi, BatchInfo
 from tasks.crashpoints import crash_point
 from tasks.errors import BatchApiUnavailable
+from tasks.layout import root_digest
 from tasks.storage import ObjectStore
 
 CREATE_ATTEMPTS = 4
@@ -28,17 +29,26 @@ MAX_CREATE_BACKOFF_SECONDS = 30.0
 LOOKUP_MARGIN_SECONDS = 24 * 3600.0
 
 
-def shard_metadata(run_id: str, shard: Shard) -> dict[str, str]:
+def shard_metadata(run_id: str, shard: Shard, root: str = "") -> dict[str, str]:
+    """What a shard attempt's batch carries: the run, the storage root it belongs to (a digest:
+    two roots may hold runs of the same job and date on one account), the shard and its content."""
     return {
         "nightbatch_run": run_id[:512],
         "nightbatch_shard": shard.shard_id,
         "nightbatch_attempt": str(shard.attempt),
         "nightbatch_sha256": shard.sha256,
+        **root_metadata(root),
     }
 
 
-def upload_filename(run_id: str, shard: Shard) -> str:
-    return f"nightbatch.{run_id}.{shard.shard_id}.jsonl"
+def root_metadata(root: str) -> dict[str, str]:
+    """The storage root's digest, as batch metadata (empty for callers that name no root)."""
+    return {"nightbatch_root": root_digest(root)} if root else {}
+
+
+def upload_filename(run_id: str, shard: Shard, root: str = "") -> str:
+    where = f".{root_digest(root)}" if root else ""
+    return f"nightbatch.{run_id}{where}.{shard.shard_id}.jsonl"
 
 
 def lookup_since(started_at: str | None) -> float | None:
@@ -49,17 +59,27 @@ def lookup_since(started_at: str | None) -> float | None:
     return datetime.fromisoformat(started_at).timestamp() - LOOKUP_MARGIN_SECONDS
 
 
-def find_existing_batch(api: BatchApi, run_id: str, shard: Shard) -> BatchInfo | None:
-    matches = api.find_batches(shard_metadata(run_id, shard), lookup_since(shard.submit_started_at))
+def find_existing_batch(
+    api: BatchApi, run_id: str, shard: Shard, root: str = ""
+) -> BatchInfo | None:
+    """The batch of this shard attempt of this run in this storage root, if one was created (one
+    made before batches named their root is taken as ours)."""
+    matches = api.find_batches(
+        shard_metadata(run_id, shard),
+        lookup_since(shard.submit_started_at),
+        if_present=root_metadata(root),
+    )
     if not matches:
         return None
     usable = [b for b in matches if b.status != "failed"] or matches
     return max(usable, key=lambda b: b.created_at or 0)
 
 
-def delete_orphan_uploads(api: BatchApi, run_id: str, shard: Shard, keep: str | None = None) -> int:
+def delete_orphan_uploads(
+    api: BatchApi, run_id: str, shard: Shard, keep: str | None = None, root: str = ""
+) -> int:
     """Delete uploads of this shard that no batch uses (left by a crash between upload and create)."""
-    name = upload_filename(run_id, shard)
+    name = upload_filename(run_id, shard, root)
     deleted = 0
     for file in api.iter_files(lookup_since(shard.submit_started_at)):
         if file.filename == name and file.id != keep:
@@ -76,21 +96,22 @@ def submit_shard(
     shard: Shard,
     sleep: Callable[[float], None] | None = None,
     keep_lease: Callable[[], None] | None = None,
+    root: str = "",
 ) -> BatchInfo:
     """Return the one batch of this shard attempt, creating it only if none exists. `keep_lease`
     renews this process's submit lease and raises LeaseLostError when it is no longer ours: it is
     called before the upload and before every create, so a lease cannot expire unnoticed."""
     renew = keep_lease or (lambda: None)
-    existing = find_existing_batch(api, run_id, shard)
+    existing = find_existing_batch(api, run_id, shard, root)
     if existing is not None:
-        delete_orphan_uploads(api, run_id, shard, keep=existing.input_file_id)
+        delete_orphan_uploads(api, run_id, shard, keep=existing.input_file_id, root=root)
         return existing
-    delete_orphan_uploads(api, run_id, shard)
+    delete_orphan_uploads(api, run_id, shard, root=root)
     renew()
     with store.open_read(shard.request_uri) as handle:
-        file_id = api.upload(handle, upload_filename(run_id, shard))
+        file_id = api.upload(handle, upload_filename(run_id, shard, root))
     crash_point("after-upload")
-    metadata = shard_metadata(run_id, shard)
+    metadata = shard_metadata(run_id, shard, root)
     last_error: Exception | None = None
     for attempt in range(CREATE_ATTEMPTS):
         try:
@@ -106,7 +127,7 @@ def submit_shard(
         except BatchApiUnavailable as exc:
             last_error = exc
             # The create may have happened even though we got no answer: look before trying again.
-            existing = find_existing_batch(api, run_id, shard)
+            existing = find_existing_batch(api, run_id, shard, root)
             if existing is not None:
                 return existing
             wait = exc.retry_after if exc.retry_after is not None else 0.5 * 2**attempt

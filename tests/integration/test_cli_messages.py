@@ -262,3 +262,36 @@ def test_plan_says_what_the_run_then_does_and_writes_nothing(
     text = capsys.readouterr().out
     assert "not sent        : 2 (empty_input 2: they cannot succeed)" in text
     assert f"run {manifest.run_id} exists (loaded)" in text
+
+
+@pytest.mark.parametrize("command", ["resume", "retry", "abandon"])
+def test_commands_on_a_run_that_does_not_exist_say_so_before_prefect_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    _source(tmp_path)
+    job = _job_file(tmp_path, _spec(tmp_path))
+    err = _fails([command, str(job), "--run-date", RUN_DATE, "--emulator"], capsys)
+    assert f"no run cli-{RUN_DATE} under" in err and f"nothing to {command}" in err
+    assert "`nightbatch run" in err
+    assert not (tmp_path / "state").exists()
+
+
+def test_a_misspelt_model_gets_a_suggestion(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _source(tmp_path)
+    job = _job_file(tmp_path, _spec(tmp_path, **{"request.model": "gpt-4o-mimi"}))
+    assert "Did you mean 'gpt-4o-mini'?" in _fails(["plan", str(job)], capsys)
+
+
+def test_operator_commands_with_wrong_s3_credentials_answer_in_one_line(
+    tmp_path: Path, s3_with_auth: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_with_auth)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONG")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    for command in ("status", "costs", "cache"):
+        err = _fails([command, "s3://nb-data/state"], capsys)
+        assert "cannot access 's3://nb-data/state': access denied" in err, command

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
 from tasks.runs import layout_for, load_manifest
@@ -62,11 +63,16 @@ def _cli(job_file: Path, env: dict[str, str]) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
     )
 
 
-def test_sigterm_stops_the_run_and_what_it_started_and_the_rerun_resumes(
-    tmp_path: Path, emulator: Any
+@pytest.mark.parametrize(
+    ("how", "code", "said"),
+    [("SIGTERM to the process", 143, "SIGTERM"), ("Ctrl-C to its process group", 130, "Ctrl-C")],
+)
+def test_a_stop_signal_stops_the_run_and_what_it_started_and_the_rerun_resumes(
+    tmp_path: Path, emulator: Any, how: str, code: int, said: str
 ) -> None:
     source = tmp_path / "tickets.parquet"
     pq.write_table(support_tickets(60), source)
@@ -95,11 +101,14 @@ def test_sigterm_stops_the_run_and_what_it_started_and_the_rerun_resumes(
         raise AssertionError("the run never got to waiting")
     started = _children(process.pid)
     assert started, "the CLI started no temporary server"
-    process.send_signal(signal.SIGTERM)
-    _, err = process.communicate(timeout=30)
+    if code == 143:
+        process.send_signal(signal.SIGTERM)
+    else:  # a terminal's Ctrl-C reaches Prefect's temporary server too, which stops at once
+        os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=60)
 
-    assert process.returncode == 143
-    assert "stopped (SIGTERM); rerun the same command to resume" in err
+    assert process.returncode == code, err[-2000:]
+    assert f"nightbatch: stopped ({said}); rerun the same command to resume" in err
     assert "Traceback" not in err
     time.sleep(1)
     assert not [pid for pid in started if _alive(pid)], "left running after SIGTERM"
