@@ -1,7 +1,9 @@
-"""Throughput and memory of nightbatch's data stages on a synthetic table, in one run.
+"""Throughput and memory of nightbatch's data stages on a synthetic table, in one run, on local
+disk and on S3 (a moto server over HTTP, started by the benchmark), with the S3/disk ratio per stage.
 
     .venv/bin/python benchmarks/bench.py --rows 1000000              # prepare, naive, collect, load
     .venv/bin/python benchmarks/bench.py --rows 5000000 --memory-only  # no naive baseline
+    .venv/bin/python benchmarks/bench.py --rows 200000 --storage s3  # S3 only
 
 Makes (and keeps, under --workdir) a products table with realistic text lengths (a title, a
 category and a ~1,800-character description a row: ~500-token chat prompts), then runs each stage
@@ -21,13 +23,16 @@ It is a benchmark, not a timed test: tests/unit/test_bench_smoke.py runs it at a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import shutil
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any
@@ -53,14 +58,29 @@ SYSTEM_PROMPT = (
 TEMPLATE = "Product: {title}\nCategory: {category}\n\n{description}"
 
 
-def job_spec(workdir: Path, rows: int) -> Any:
+BUCKET = "nb-bench"
+
+
+def storage_root(workdir: Path, rows: int, storage: str) -> str:
+    """Where a run's state and output go: local disk, or the bench bucket on S3."""
+    return str(workdir / f"run-{rows}") if storage == "local" else f"s3://{BUCKET}/run-{rows}"
+
+
+def source_uri(workdir: Path, rows: int, storage: str) -> str:
+    if storage == "local":
+        return str(source_path(workdir, rows))
+    return f"s3://{BUCKET}/products-{rows}.parquet"
+
+
+def job_spec(workdir: Path, rows: int, storage: str = "local") -> Any:
     from schemas.job import JobSpec
 
+    root = storage_root(workdir, rows, storage)
     return JobSpec.model_validate(
         {
             "name": "bench",
             "source": {
-                "uri": str(source_path(workdir, rows)),
+                "uri": source_uri(workdir, rows, storage),
                 "id_column": "sku",
                 "columns": ["sku", "title", "price"],
             },
@@ -71,8 +91,8 @@ def job_spec(workdir: Path, rows: int) -> Any:
                 "params": {"max_tokens": 120, "temperature": 0},
                 "output_schema": CHAT_SCHEMA,
             },
-            "output_uri": str(workdir / f"run-{rows}" / "output"),
-            "storage_root": str(workdir / f"run-{rows}" / "state"),
+            "output_uri": f"{root}/output",
+            "storage_root": f"{root}/state",
         }
     )
 
@@ -88,23 +108,37 @@ def peak_rss_mb() -> float:
 # ---- the stages, each run in a child process -------------------------------------------------------
 
 
-def stage_generate(workdir: Path, rows: int) -> dict[str, Any]:
+def stage_generate(workdir: Path, rows: int, storage: str) -> dict[str, Any]:
     from benchmarks.synth import write_products
 
     path = source_path(workdir, rows)
     if not path.exists():
         write_products(path, rows)
+    if storage == "s3":  # the same table, in the bucket
+        from tasks.storage import ObjectStore
+
+        ObjectStore().write_bytes(source_uri(workdir, rows, storage), path.read_bytes())
     return {"bytes": path.stat().st_size}
 
 
-def stage_prepare(workdir: Path, rows: int) -> dict[str, Any]:
+def _fresh(workdir: Path, rows: int, storage: str) -> None:
+    from tasks.storage import ObjectStore
+
+    root = storage_root(workdir, rows, storage)
+    if storage == "local":
+        shutil.rmtree(root, ignore_errors=True)
+    elif ObjectStore().exists(root):
+        ObjectStore().remove(root, recursive=True)
+
+
+def stage_prepare(workdir: Path, rows: int, storage: str) -> dict[str, Any]:
     from tasks.layout import RunLayout
     from tasks.prepare import write_shards
     from tasks.runs import new_manifest, save_manifest
     from tasks.storage import ObjectStore
 
-    job = job_spec(workdir, rows)
-    shutil.rmtree(workdir / f"run-{rows}", ignore_errors=True)
+    job = job_spec(workdir, rows, storage)
+    _fresh(workdir, rows, storage)
     store = ObjectStore()
     started = time.perf_counter()
     result = write_shards(job, store, RunLayout(job.storage_root, job.name, RUN_DATE))
@@ -123,7 +157,7 @@ def stage_prepare(workdir: Path, rows: int) -> dict[str, Any]:
     }
 
 
-def stage_floor(workdir: Path, rows: int) -> dict[str, Any]:
+def stage_floor(workdir: Path, rows: int, storage: str) -> dict[str, Any]:
     """The least work a prepare does, on one thread: read the columns, put each row's values in a
     fixed frame of about the size of a request line (one Arrow kernel; no JSON escaping, hashing
     or token counting) and write the lines to a file. What this machine's Parquet decoding, memory
@@ -162,7 +196,7 @@ def stage_floor(workdir: Path, rows: int) -> dict[str, Any]:
     return {"rows": source.metadata.num_rows, "seconds": seconds}
 
 
-def stage_naive(workdir: Path, rows: int) -> dict[str, Any]:
+def stage_naive(workdir: Path, rows: int, storage: str) -> dict[str, Any]:
     """The same request lines, made the obvious way: a DataFrame, iterrows, json.dumps."""
     import json as std_json
 
@@ -213,24 +247,23 @@ class _LocalFiles:
         return self.files[file_id].stat().st_size
 
 
-def stage_collect(workdir: Path, rows: int) -> dict[str, Any]:
-    import pyarrow.parquet as pq
-
+def stage_collect(workdir: Path, rows: int, storage: str) -> dict[str, Any]:
     from benchmarks.synth import chat_output_lines
     from tasks.collect import collect_shard
     from tasks.runs import layout_for, load_manifest, save_manifest
     from tasks.storage import ObjectStore
 
-    job = job_spec(workdir, rows)
+    job = job_spec(workdir, rows, storage)
     store = ObjectStore()
     layout = layout_for(job, RUN_DATE)
     manifest = load_manifest(store, layout)
-    outputs = workdir / f"run-{rows}" / "outputs"
-    outputs.mkdir(exist_ok=True)
+    outputs = workdir / f"outputs-{rows}-{storage}"  # the provider's files: local, as a download
+    shutil.rmtree(outputs, ignore_errors=True)
+    outputs.mkdir(parents=True)
     files: dict[str, Path] = {}
     shards = []
     for shard in manifest.shards:  # what the Batch API would have written (not timed)
-        ids = pq.read_table(layout.ids_file(1, shard.index)).column(0).to_pylist()
+        ids = store.read_table(layout.ids_file(1, shard.index)).column(0).to_pylist()
         path = outputs / f"output-{shard.index}.jsonl"
         with open(path, "wb") as handle:
             for line in chat_output_lines(ids, seed=shard.index):
@@ -269,12 +302,12 @@ def stage_collect(workdir: Path, rows: int) -> dict[str, Any]:
     }
 
 
-def stage_load(workdir: Path, rows: int) -> dict[str, Any]:
+def stage_load(workdir: Path, rows: int, storage: str) -> dict[str, Any]:
     from tasks.load import write_output
     from tasks.runs import layout_for, load_manifest
     from tasks.storage import ObjectStore
 
-    job = job_spec(workdir, rows)
+    job = job_spec(workdir, rows, storage)
     store = ObjectStore()
     manifest = load_manifest(store, layout_for(job, RUN_DATE))
     started = time.perf_counter()
@@ -298,10 +331,10 @@ STAGES = {
 }
 
 
-def run_child(stage: str, workdir: Path, rows: int) -> dict[str, Any]:
+def run_child(stage: str, workdir: Path, rows: int, storage: str = "local") -> dict[str, Any]:
     """Run one stage in a fresh interpreter; its result and its own peak RSS come back as JSON."""
     command = [sys.executable, __file__, "--stage", stage, "--rows", str(rows)]
-    command += ["--workdir", str(workdir)]
+    command += ["--workdir", str(workdir), "--storage", storage]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
@@ -312,28 +345,7 @@ def run_child(stage: str, workdir: Path, rows: int) -> dict[str, Any]:
 # ---- the report ---------------------------------------------------------------------------------
 
 
-def report(results: dict[str, dict[str, Any]]) -> str:
-    naive = results.get("naive")
-    floor = results.get("floor")
-    rows = [("stage", "rows", "seconds", "rows/s", "peak RSS (MB)", "vs naive", "vs floor")]
-
-    def line(name: str, result: dict[str, Any], seconds: float) -> None:
-        rate = result["rows"] / seconds if seconds else float("inf")
-        ratio = to_floor = ""
-        if name == "prepare" and naive:
-            ratio = f"{naive['seconds'] / naive['rows'] * rate:.1f}x"
-        if name == "prepare" and floor:
-            to_floor = f"{floor['seconds'] / floor['rows'] * rate:.0%}"
-        rows.append(
-            (name, f"{result['rows']:,}", f"{seconds:.2f}", f"{rate:,.0f}",
-             f"{result['peak_rss_mb']:,.0f}", ratio, to_floor)
-        )  # fmt: skip
-
-    for name in ("prepare", "floor", "naive", "collect", "load"):
-        if name in results:
-            line(name, results[name], results[name]["seconds"])
-        if name == "collect" and "collect" in results:
-            line("collect (4 threads)", results["collect"], results["collect"]["seconds_4_threads"])
+def _table(rows: Sequence[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     text = [
         "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows
@@ -342,29 +354,128 @@ def report(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(text)
 
 
+def report(results: dict[str, dict[str, Any]], storages: tuple[str, ...] = ("local",)) -> str:
+    """One table of every stage (on each storage), then the S3/disk ratio per stage."""
+    naive = results.get("naive")
+    floor = results.get("floor")
+    rows = [
+        ("stage", "storage", "rows", "seconds", "rows/s", "peak RSS (MB)", "vs naive", "vs floor")
+    ]
+
+    def line(name: str, storage: str, result: dict[str, Any], seconds: float) -> None:
+        rate = result["rows"] / seconds if seconds else float("inf")
+        ratio = to_floor = ""
+        if name == "prepare" and naive:
+            ratio = f"{naive['seconds'] / naive['rows'] * rate:.1f}x"
+        if name == "prepare" and floor:
+            to_floor = f"{floor['seconds'] / floor['rows'] * rate:.0%}"
+        rows.append(
+            (name, storage, f"{result['rows']:,}", f"{seconds:.2f}", f"{rate:,.0f}",
+             f"{result['peak_rss_mb']:,.0f}", ratio, to_floor)
+        )  # fmt: skip
+
+    for name in ("prepare", "collect", "load"):
+        for storage in storages:
+            result = results.get(_key(name, storage))
+            if result is None:
+                continue
+            line(name, storage, result, result["seconds"])
+            if name == "collect":
+                line("collect (4 threads)", storage, result, result["seconds_4_threads"])
+    for name in ("floor", "naive"):
+        if name in results:
+            line(name, "local", results[name], results[name]["seconds"])
+    text = _table(rows)
+    if set(storages) == {"local", "s3"}:
+        ratios = [("stage", "local (s)", "S3 (s)", "S3 / local")]
+        for name, field in (("prepare", "seconds"), ("collect", "seconds"),
+                            ("collect (4 threads)", "seconds_4_threads"), ("load", "seconds")):  # fmt: skip
+            base = name.split(" ")[0]
+            local, s3 = results[_key(base, "local")][field], results[_key(base, "s3")][field]
+            ratios.append((name, f"{local:.2f}", f"{s3:.2f}", f"{s3 / local:.2f}x"))
+        text += "\n\n" + _table(ratios)
+    return text
+
+
+def _key(stage: str, storage: str) -> str:
+    return stage if storage == "local" else f"{stage}@{storage}"
+
+
+@contextlib.contextmanager
+def moto_s3() -> Iterator[str]:
+    """A moto S3 server over HTTP in its own process, the AWS variables pointing at it (children
+    inherit them), and the bench bucket."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-p", str(port), "-H", "127.0.0.1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in _AWS}
+    os.environ.update(
+        AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        import s3fs
+
+        s3fs.S3FileSystem(skip_instance_cache=True).mkdir(BUCKET)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+_AWS = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--workdir", type=Path, default=Path(".nightbatch/bench"))
     parser.add_argument("--memory-only", action="store_true", help="skip the naive baseline")
+    parser.add_argument(
+        "--storage", choices=["both", "local", "s3"], default="both",
+        help="local disk, S3 (a moto server over HTTP), or both in the same run (the default)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     if args.stage:  # a child: run one stage, print its result
-        result = STAGES[args.stage](workdir, args.rows)
+        result = STAGES[args.stage](workdir, args.rows, args.storage)
         print(json.dumps({**result, "peak_rss_mb": peak_rss_mb()}))
         return 0
-    run_child("generate", workdir, args.rows)
-    stages = ["prepare", "floor", "collect", "load"] + ([] if args.memory_only else ["naive"])
+    storages: tuple[str, ...] = ("local", "s3") if args.storage == "both" else (args.storage,)
     results: dict[str, dict[str, Any]] = {}
-    for stage in stages:
+    with moto_s3() if "s3" in storages else contextlib.nullcontext():
+        for storage in storages:
+            run_child("generate", workdir, args.rows, storage)
+            for stage in ("prepare", "collect", "load"):
+                results[_key(stage, storage)] = run_child(stage, workdir, args.rows, storage)
+                print(f"{stage} ({storage}): {json.dumps(results[_key(stage, storage)])}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+    for stage in ["floor"] + ([] if args.memory_only else ["naive"]):  # CPU baselines, from disk
         results[stage] = run_child(stage, workdir, args.rows)
-        print(f"{stage}: {json.dumps(results[stage])}", file=sys.stderr, flush=True)
+    first = results[_key("prepare", storages[0])]
     print(f"\n{args.rows:,} rows, {os.cpu_count()} CPUs, prompts of "
-          f"~{results['prepare']['tokens_per_row']:.0f} tokens ({results['prepare']['tokens']})\n")  # fmt: skip
-    print(report(results))
+          f"~{first['tokens_per_row']:.0f} tokens ({first['tokens']})\n")  # fmt: skip
+    print(report(results, storages))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir: Path = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
-    stage_generate(workdir, args.rows)
+    stage_generate(workdir, args.rows, "local")
     store = ObjectStore()
     job = job_spec(workdir, args.rows).model_copy(update={"name": "bench-incremental"})
     shutil.rmtree(Path(job.storage_root) / "runs" / job.name, ignore_errors=True)

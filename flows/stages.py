@@ -38,6 +38,8 @@ from tasks.runs import (
 )
 from tasks.storage import ObjectStore
 
+# The stages' tasks wait on the Batch API and object storage; prepare's CPU work runs on its own
+# pools (tasks/prepare.py). Four threads per flow run are plenty for both.
 TASK_RUNNER: Any = ThreadPoolTaskRunner(max_workers=4)
 
 

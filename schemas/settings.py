@@ -18,7 +18,6 @@ class Settings(BaseModel):
     api_identity: str = "api.openai.com"  # schemas.lineage: which API produces this run's results
     poll_interval_seconds: float = 60.0
     max_wait_seconds: float = 26 * 3600.0
-    max_workers: int = 4
     expiry_grace_seconds: float = 3600.0
     submit_lease_seconds: float = 900.0  # a shard's submit lease; renewed before every create
     chain_wait_seconds: float = 60.0  # how long a stage run waits for batches before leaving them
@@ -41,7 +40,6 @@ class Settings(BaseModel):
             openai_project=env.get("OPENAI_PROJECT_ID") or None,
             poll_interval_seconds=float(env.get("NIGHTBATCH_POLL_INTERVAL_SECONDS", 60)),
             max_wait_seconds=float(env.get("NIGHTBATCH_MAX_WAIT_SECONDS", 26 * 3600)),
-            max_workers=int(env.get("NIGHTBATCH_MAX_WORKERS", 4)),
             expiry_grace_seconds=float(env.get("NIGHTBATCH_EXPIRY_GRACE_SECONDS", 3600)),
             submit_lease_seconds=float(env.get("NIGHTBATCH_SUBMIT_LEASE_SECONDS", 900)),
             chain_wait_seconds=float(env.get("NIGHTBATCH_CHAIN_WAIT_SECONDS", 60)),

@@ -179,14 +179,19 @@ def s3_with_auth() -> Iterator[str]:
         process.wait(timeout=10)
 
 
-def test_wrong_s3_credentials_name_the_uri_and_the_aws_variables(
-    tmp_path: Path, s3_with_auth: str, monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
+@pytest.fixture
+def wrong_credentials(s3_with_auth: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """AWS variables with a key the S3 server does not know."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_with_auth)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONG")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+
+
+@pytest.mark.usefixtures("wrong_credentials")
+def test_wrong_s3_credentials_name_the_uri_and_the_aws_variables(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     spec = _spec(tmp_path, **{"source.uri": "s3://nb-data/tickets.parquet"})
     spec.update(output_uri="s3://nb-data/out", storage_root="s3://nb-data/state")
     err = _fails(["plan", str(_job_file(tmp_path, spec))], capsys)
@@ -284,14 +289,10 @@ def test_a_misspelt_model_gets_a_suggestion(
     assert "Did you mean 'gpt-4o-mini'?" in _fails(["plan", str(job)], capsys)
 
 
+@pytest.mark.usefixtures("wrong_credentials")
 def test_operator_commands_with_wrong_s3_credentials_answer_in_one_line(
-    tmp_path: Path, s3_with_auth: str, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_with_auth)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONG")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+) -> None:
     for command in ("status", "costs", "cache"):
         err = _fails([command, "s3://nb-data/state"], capsys)
         assert "cannot access 's3://nb-data/state': access denied" in err, command

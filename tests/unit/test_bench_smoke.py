@@ -16,8 +16,19 @@ def test_benchmark_runs_at_a_tiny_size(tmp_path: Path, capsys: pytest.CaptureFix
     table = capsys.readouterr().out
     for stage in ("prepare", "floor", "naive", "collect", "collect (4 threads)", "load"):
         assert f"| {stage} " in table
+    for stage in ("prepare", "collect", "load"):  # each also on S3 (a moto server), with the ratio
+        assert results_have(table, stage, "s3")
+    assert "| S3 / local |" in table
     results = json.loads(out.read_text())
     assert results["prepare"]["rows"] == 1500 and results["prepare"]["tokens"] == "exact"
     assert results["collect"]["rows"] == 1500
     assert results["load"]["written"] + results["load"]["dead_lettered"] == 1500
     assert all(r["peak_rss_mb"] > 0 for r in results.values())
+    assert results["prepare@s3"]["rows"] == 1500 and results["collect@s3"]["rows"] == 1500
+    assert results["load@s3"]["written"] + results["load@s3"]["dead_lettered"] == 1500
+
+
+def results_have(table: str, stage: str, storage: str) -> bool:
+    return any(
+        line.startswith(f"| {stage} ") and f"| {storage} " in line for line in table.splitlines()
+    )
