@@ -11,8 +11,15 @@ from tasks.storage import ObjectStore
 MONEY = ["cost_batch_usd", "cost_standard_usd", "savings_usd"]
 
 
-def read_cost_records(store: ObjectStore, root: str) -> pd.DataFrame:
-    files = store.list_files(join_uri(root, "costs"), suffix=".parquet")
+HISTORY_RUNS = 30  # the estimate's output tokens come from the job's latest runs, at most this many
+
+
+def read_cost_records(
+    store: ObjectStore, root: str, files: list[str] | None = None
+) -> pd.DataFrame:
+    """The cost records under `root` (or just `files` of them)."""
+    if files is None:
+        files = store.list_files(join_uri(root, "costs"), suffix=".parquet")
     if not files:
         return COST_RECORD_SCHEMA.empty_table().to_pandas()
     return pd.concat([store.read_table(f).to_pandas() for f in files], ignore_index=True)
@@ -43,8 +50,15 @@ def cost_totals(records: pd.DataFrame, by: str) -> pd.DataFrame:
 def past_output_mean(
     store: ObjectStore, root: str, job_name: str, model: str, exclude_run_date: str
 ) -> float | None:
-    """Mean output tokens per billed line over this job's earlier runs of the same model, if any."""
-    records = read_cost_records(store, root)
+    """Mean output tokens per billed line over this job's latest runs (HISTORY_RUNS of them) of the
+    same model, if any: one listing and a bounded number of reads, whatever the history."""
+    mine = [
+        uri
+        for uri in store.list_files(join_uri(root, "costs"), suffix=".parquet")
+        if uri.rsplit("/", 1)[-1].rsplit("__", 1)[0] == job_name
+        and not uri.endswith(f"__{exclude_run_date}.parquet")
+    ]
+    records = read_cost_records(store, root, sorted(mine)[-HISTORY_RUNS:])
     if records.empty:
         return None
     past = records[

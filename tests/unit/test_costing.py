@@ -277,3 +277,26 @@ def test_past_output_mean_matches_the_model_and_its_snapshots_not_its_prefix(
         )
     assert past_output_mean(store, str(tmp_path), "j", "gpt-4o", "2026-12-01") == 200.0
     assert past_output_mean(store, str(tmp_path), "j", "gpt-4o-mini", "2026-12-01") == 6000.0
+
+
+def test_past_output_mean_reads_the_latest_runs_of_the_job_only(tmp_path: Path) -> None:
+    """A bounded read: the job's last HISTORY_RUNS records, not every record of every job."""
+    from schemas.tables import COST_RECORD_SCHEMA
+    from tasks.costreport import HISTORY_RUNS, past_output_mean
+    from tasks.storage import ObjectStore
+
+    store = ObjectStore()
+
+    def record(job: str, day: str, output: int) -> None:
+        row = {name: None for name in COST_RECORD_SCHEMA.names}
+        row.update(job=job, run_date=day, model="gpt-4o", output_tokens=output, billed_lines=1,
+                   tags=[])  # fmt: skip
+        table = pa.Table.from_pylist([row], schema=COST_RECORD_SCHEMA)
+        store.write_table(f"{tmp_path}/costs/{job}__{day}.parquet", table)
+
+    for day in range(1, 41):  # 40 nights: the first 10 answered long, the last 30 short
+        record("j", f"2026-10-{day:02d}" if day <= 31 else f"2026-11-{day - 31:02d}",
+               1000 if day <= 10 else 10)  # fmt: skip
+    record("j__other", "2026-11-20", 99_999)  # another job whose name starts like it
+    assert HISTORY_RUNS == 30
+    assert past_output_mean(store, str(tmp_path), "j", "gpt-4o", "2026-12-01") == 10.0
