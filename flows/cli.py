@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
 import sys
-import tempfile
-import threading
 import traceback
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flows.emulated import maybe_emulator
+from flows.signals import Terminated, stopped_by_signals
 from tasks.errors import BadInputError, NightbatchError
 
 if TYPE_CHECKING:
@@ -35,29 +33,6 @@ def _embedded_prefect_defaults() -> None:
         # Ctrl-C reaches the temporary server too (one process group) and it stops at once:
         # without this the client retried the gone server for minutes before exiting
         os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "1")
-
-
-@contextlib.contextmanager
-def emulator_env(state_dir: Path, clock_scale: float | None = None) -> Iterator[str]:
-    """Start the bundled Batch API emulator in-process and point the OpenAI settings at it."""
-    from emulator.config import EmulatorConfig
-    from emulator.server import EmulatorServer
-
-    config = EmulatorConfig() if clock_scale is None else EmulatorConfig(clock_scale=clock_scale)
-    names = ("OPENAI_BASE_URL", "OPENAI_API_KEY", "NIGHTBATCH_API_IDENTITY")
-    saved = {k: os.environ.get(k) for k in names}
-    with EmulatorServer(state_dir, config=config) as server:
-        os.environ["OPENAI_BASE_URL"] = server.base_url
-        os.environ["OPENAI_API_KEY"] = "emulator-key"
-        os.environ["NIGHTBATCH_API_IDENTITY"] = "emulator"  # its results stay in its own namespace
-        try:
-            yield server.base_url
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
 
 
 def _print_summary(result: dict[str, Any], cost_uri: str | None) -> None:
@@ -84,22 +59,6 @@ def _print_summary(result: dict[str, Any], cost_uri: str | None) -> None:
     print(f"  output        : {result['output']}")
     print(f"  dead letter   : {result.get('dead_letter')}")
     print(f"  cost record   : {cost_uri}")
-
-
-@contextlib.contextmanager
-def _maybe_emulator(args: argparse.Namespace, root: str) -> Iterator[None]:
-    """The bundled emulator, when asked for; its state is kept per storage root (so a rerun
-    resumes against the same batches, and dry runs of other roots never meet)."""
-    if not getattr(args, "emulator", False):
-        yield
-        return
-    from tasks.layout import root_digest
-
-    default = Path(tempfile.gettempdir()) / f"nightbatch-emulator-{root_digest(root)}"
-    state = Path(args.emulator_state or default)
-    with emulator_env(state) as url:
-        print(f"using the bundled Batch API emulator at {url} (state in {state})")
-        yield
 
 
 def _checked_job(
@@ -143,7 +102,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _embedded_prefect_defaults()
     from flows.stages import pipeline
 
-    with _maybe_emulator(args, checked.job.storage_root):
+    with maybe_emulator(args, checked.job.storage_root):
         state = pipeline(
             checked.job,
             run_date=checked.run_date,
@@ -188,7 +147,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     _embedded_prefect_defaults()
     from flows.stages import retry_run
 
-    with _maybe_emulator(args, checked.job.storage_root):
+    with maybe_emulator(args, checked.job.storage_root):
         result = retry_run(checked.job, run_date=checked.run_date,
                            extra_attempts=args.extra_attempts,
                            poll_interval_seconds=_poll_interval(args))  # fmt: skip
@@ -201,7 +160,7 @@ def cmd_abandon(args: argparse.Namespace) -> int:
     _embedded_prefect_defaults()
     from flows.stages import abandon
 
-    with _maybe_emulator(args, checked.job.storage_root):
+    with maybe_emulator(args, checked.job.storage_root):
         result = abandon(checked.job, run_date=checked.run_date)
     print(
         f"run {result['run_id']} abandoned; cancelled batches: {', '.join(result['cancelled']) or 'none'}"
@@ -326,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.storage import NoCredentialsError, access_refused
 
     try:
-        with _stopped_by_signals():
+        with stopped_by_signals():
             if getattr(args, "run_date", None):  # one spelling per day, before anything starts
                 from schemas.rundate import parse_run_date
 
@@ -354,36 +313,6 @@ def main(argv: list[str] | None = None) -> int:
         how = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM"
         print(f"nightbatch: stopped ({how}); rerun the same command to resume", file=sys.stderr)
         return 128 + signum
-
-
-class Terminated(BaseException):
-    """SIGTERM or SIGINT, raised in the main thread so that what the command started is stopped on
-    the way out (the emulator, Prefect's temporary server, worker threads) rather than orphaned."""
-
-    received: int | None = None  # the first signal this process was stopped by
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def _stopped_by_signals() -> Iterator[None]:
-    def terminate(signum: int, frame: Any) -> None:
-        if Terminated.received is not None:
-            return  # stopping already: let the way out finish
-        Terminated.received = signum
-        raise Terminated(signum)
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, terminate) for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def demo_job(name: str, workdir: Path):  # type: ignore[no-untyped-def]
 def run_demo(workdir: Path, rows: int = 1000) -> int:
     import pandas as pd
 
-    from flows.cli import emulator_env
+    from flows.emulated import emulator_env
     from flows.stages import pipeline
 
     workdir = workdir.resolve()
