@@ -1,12 +1,16 @@
 """`nightbatch run` end to end on the bundled emulator with a fast clock, timed.
 
     .venv/bin/python benchmarks/e2e.py --rows 1000000
+    .venv/bin/python benchmarks/e2e.py --rows 200000 --storage s3 --reference   # S3, and the reference
 
 Uses the benchmark's products table and chat job (benchmarks/bench.py), the emulator with a clock
 fast enough that batches finish as soon as the emulator has produced their lines, and the `pipeline`
 flow (prepare, submit, wait, collect, retry-failures, load) on an embedded Prefect. The emulator runs
 as its own process (`python -m emulator`), as the real API is remote: it does not share this
-process's GIL; `--in-process` runs it in a thread of this process instead."""
+process's GIL; `--in-process` runs it in a thread of this process instead. `--storage s3` keeps the
+source, the run's state and the output on a moto S3 server over HTTP; `--reference` then runs a
+minimal sequential pipeline (benchmarks/reference.py) on the same table and emulator, for the
+comparison."""
 
 from __future__ import annotations
 
@@ -144,20 +148,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--timeline", action="store_true", help="print the emulator's progress every second"
     )
+    parser.add_argument("--storage", choices=["local", "s3"], default="local")
+    parser.add_argument(
+        "--reference", action="store_true", help="also time the minimal reference pipeline"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="nightbatch-e2e-prefect-"))
 
-    from benchmarks.bench import job_spec, run_child
+    from benchmarks.bench import _fresh, job_spec, moto_s3, run_child
     from emulator.config import EmulatorConfig
     from emulator.server import EmulatorServer
 
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    run_child("generate", workdir, args.rows)
-    job = job_spec(workdir, args.rows)
-    shutil.rmtree(workdir / f"run-{args.rows}", ignore_errors=True)
+    outer = contextlib.ExitStack()
+    if args.storage == "s3":
+        outer.enter_context(moto_s3())
+    run_child("generate", workdir, args.rows, args.storage)
+    job = job_spec(workdir, args.rows, args.storage)
+    _fresh(workdir, args.rows, args.storage)
     settings = {
         "clock_scale": args.clock_scale,
         "lines_per_second": args.lines_per_second,
@@ -183,8 +194,22 @@ def main(argv: list[str] | None = None) -> int:
         result = pipeline(job, run_date="2026-01-01", poll_interval_seconds=args.poll_interval)
         seconds = time.perf_counter() - started
         cpu["this process"] = time.process_time() - own
+        reference = None
+        if args.reference:
+            from benchmarks.reference import reference_run
+            from tasks.storage import ObjectStore
+
+            started = time.perf_counter()
+            answered = reference_run(job, ObjectStore(), poll_seconds=args.poll_interval)
+            reference = (time.perf_counter() - started, answered)
+    outer.close()
     shutil.rmtree(state, ignore_errors=True)
-    print(f"\nnightbatch run of {args.rows:,} rows on the emulator: {seconds:.1f} s, {result}")
+    where = "on local disk" if args.storage == "local" else "on S3 (moto, over HTTP)"
+    print(
+        f"\nnightbatch run of {args.rows:,} rows {where}, on the emulator: {seconds:.1f} s, {result}"
+    )
+    if reference is not None:
+        print(f"reference pipeline, same table and emulator: {reference[0]:.1f} s, {reference[1]}")
     load = os.getloadavg()[0]
     used = ", ".join(f"{name} {value:.1f} s" for name, value in cpu.items())
     print(f"CPU: {used} (load average at the end {load:.2f}, {os.cpu_count()} CPUs)")

@@ -39,7 +39,14 @@ STAGE = (
 def _env(**extra: str) -> dict[str, str]:
     from prefect.settings import PREFECT_API_URL
 
-    return {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), **extra}
+    # six racing processes on the test harness's SQLite: its API answers 503 while the database is
+    # locked; let their clients retry longer than the default 5 times
+    return {
+        **os.environ,
+        "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+        "PREFECT_CLIENT_MAX_RETRIES": "12",
+        **extra,
+    }
 
 
 def _start_stage(flow: str, job_file: Path, **env: str) -> subprocess.Popen[str]:
