@@ -321,7 +321,31 @@ def stage_load(workdir: Path, rows: int, storage: str) -> dict[str, Any]:
     }
 
 
+def stage_write_floor(workdir: Path, rows: int, storage: str) -> dict[str, Any]:
+    """The least a prepare on this storage must spend writing: as many bytes as its shards hold,
+    written in 8 MB pieces through the same atomic writer, nothing else (on moto, the server's own
+    intake of the bytes, on the same cores)."""
+    from tasks.runs import layout_for, load_manifest
+    from tasks.storage import ObjectStore
+
+    job = job_spec(workdir, rows, storage)
+    store = ObjectStore()
+    total = sum(s.bytes for s in load_manifest(store, layout_for(job, RUN_DATE)).shards)
+    piece = (b'{"custom_id": "r-0", "body": "' + b"x" * 1000 + b'"}\n') * (8 << 10)
+    uri = f"{storage_root(workdir, rows, storage)}/write-floor.bin"
+    started = time.perf_counter()
+    with store.open_atomic(uri) as handle:
+        left = total
+        while left > 0:
+            handle.write(piece[: min(left, len(piece))])
+            left -= len(piece)
+    seconds = time.perf_counter() - started
+    store.remove(uri)
+    return {"rows": rows, "seconds": seconds, "bytes": total}
+
+
 STAGES = {
+    "write_floor": stage_write_floor,
     "generate": stage_generate,
     "prepare": stage_prepare,
     "naive": stage_naive,
@@ -374,7 +398,7 @@ def report(results: dict[str, dict[str, Any]], storages: tuple[str, ...] = ("loc
              f"{result['peak_rss_mb']:,.0f}", ratio, to_floor)
         )  # fmt: skip
 
-    for name in ("prepare", "collect", "load"):
+    for name in ("prepare", "write_floor", "collect", "load"):
         for storage in storages:
             result = results.get(_key(name, storage))
             if result is None:
@@ -393,6 +417,15 @@ def report(results: dict[str, dict[str, Any]], storages: tuple[str, ...] = ("loc
             base = name.split(" ")[0]
             local, s3 = results[_key(base, "local")][field], results[_key(base, "s3")][field]
             ratios.append((name, f"{local:.2f}", f"{s3:.2f}", f"{s3 / local:.2f}x"))
+        floor_local = results[_key("write_floor", "local")]["seconds"]
+        floor_s3 = results[_key("write_floor", "s3")]["seconds"]
+        prepare_local = results[_key("prepare", "local")]["seconds"]
+        prepare_s3 = results[_key("prepare", "s3")]["seconds"]
+        ratios.append(
+            ("prepare beyond writing its bytes", f"{prepare_local - floor_local:.2f}",
+             f"{prepare_s3 - floor_s3:.2f}",
+             f"{(prepare_s3 - floor_s3) / max(prepare_local - floor_local, 1e-9):.2f}x")
+        )  # fmt: skip
         text += "\n\n" + _table(ratios)
     return text
 
@@ -466,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     with moto_s3() if "s3" in storages else contextlib.nullcontext():
         for storage in storages:
             run_child("generate", workdir, args.rows, storage)
-            for stage in ("prepare", "collect", "load"):
+            for stage in ("prepare", "write_floor", "collect", "load"):
                 results[_key(stage, storage)] = run_child(stage, workdir, args.rows, storage)
                 print(f"{stage} ({storage}): {json.dumps(results[_key(stage, storage)])}",
                       file=sys.stderr, flush=True)  # fmt: skip

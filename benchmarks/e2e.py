@@ -155,7 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="nightbatch-e2e-prefect-"))
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    # a Prefect home kept between runs, as a nightly user's is (a fresh one migrates its database
+    # first: ~20 s more)
+    home = args.workdir.resolve() / "prefect-home"
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("PREFECT_HOME", str(home))
 
     from benchmarks.bench import _fresh, job_spec, moto_s3, run_child
     from emulator.config import EmulatorConfig
