@@ -464,6 +464,9 @@ def moto_s3() -> Iterator[str]:
         s3fs.S3FileSystem(skip_instance_cache=True).mkdir(BUCKET)
         yield url
     finally:
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()  # clients of this server must not outlive it
         server.terminate()
         server.wait(timeout=10)
         for key, value in saved.items():

@@ -54,7 +54,7 @@ def past_output_mean(
     same model, if any: one listing and a bounded number of reads, whatever the history."""
     mine = [
         uri
-        for uri in store.list_files(join_uri(root, "costs"), suffix=".parquet")
+        for uri in store.list_files(join_uri(root, "costs"), ".parquet", prefix=f"{job_name}__")
         if uri.rsplit("/", 1)[-1].rsplit("__", 1)[0] == job_name
         and not uri.endswith(f"__{exclude_run_date}.parquet")
     ]

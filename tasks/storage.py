@@ -190,17 +190,24 @@ class ObjectStore:
         if fs.exists(path):
             fs.rm(path, recursive=recursive)
 
-    def list_files(self, uri: str, suffix: str = "") -> list[str]:
+    def list_files(self, uri: str, suffix: str = "", prefix: str = "") -> list[str]:
+        """The files under `uri` (not hidden ones), those whose name ends with `suffix` and, with
+        `prefix`, those directly under `uri` whose name starts with it (on S3 the listing itself
+        is narrowed to the prefix: its cost does not grow with the other files there)."""
         fs, path = self.fs(uri)
-        if not self.is_local(fs):
+        local = self.is_local(fs)
+        if not local:
             fs.invalidate_cache()
         if not fs.exists(path):
             return []
         protocol = "s3://" if uri.startswith("s3://") else ""
+        found = fs.find(path, prefix=prefix) if prefix and not local else fs.find(path)
         return sorted(
             protocol + p
-            for p in fs.find(path)
-            if p.endswith(suffix) and not p.rsplit("/", 1)[-1].startswith(".")
+            for p in found
+            if p.endswith(suffix)
+            and not p.rsplit("/", 1)[-1].startswith(".")
+            and (not prefix or p.rsplit("/", 1)[-1].startswith(prefix))
         )
 
     def write_table(self, uri: str, table: pa.Table) -> None:

@@ -32,3 +32,16 @@ def results_have(table: str, stage: str, storage: str) -> bool:
     return any(
         line.startswith(f"| {stage} ") and f"| {storage} " in line for line in table.splitlines()
     )
+
+
+def test_history_benchmark_runs_at_a_tiny_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks import history
+
+    args = ["--nights", "3", "--jobs", "2", "--batches", "3", "--baseline-nights", "1"]
+    assert history.main([*args, "--workdir", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    for what in ("runs read (poller, submit)", "output-token history (prepare)"):
+        assert table.count(f"| {what} ") == 2  # local and s3
+    assert "| a shard's batch and uploads (submit; no / old batches) " in table

@@ -47,3 +47,23 @@ def test_iter_lines_reads_in_ranges_and_gives_every_line_whole(
     lines = list(store.iter_lines(uri, chunk_bytes=16))
     assert b"".join(lines) == data
     assert lines == data.splitlines(keepends=True)
+
+
+@pytest.mark.parametrize("storage", ["local", "s3"])
+def test_list_files_with_a_prefix_lists_only_the_names_that_start_with_it(
+    tmp_path: Path, storage: str, request: pytest.FixtureRequest
+) -> None:
+    root = f"s3://{request.getfixturevalue('s3_env')}" if storage == "s3" else str(tmp_path)
+    store = ObjectStore()
+    for name in (
+        "a__1.parquet",
+        "a__2.parquet",
+        "a__b__1.parquet",
+        "ab__1.parquet",
+        "b__1.parquet",
+    ):
+        store.write_bytes(f"{root}/costs/{name}", b"x")
+    found = store.list_files(f"{root}/costs", ".parquet", prefix="a__")
+    assert [uri.rsplit("/", 1)[-1] for uri in found] == [
+        "a__1.parquet", "a__2.parquet", "a__b__1.parquet",
+    ]  # fmt: skip
