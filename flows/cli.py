@@ -131,10 +131,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from schemas.settings import Settings
     from tasks.plan import make_plan, plan_lines
 
-    args.emulator = args.emulator or not os.environ.get("OPENAI_API_KEY")  # plan needs no key
+    settings = Settings.from_env()
+    args.emulator = args.emulator or settings.openai_api_key is None  # plan needs no key
     checked = _checked_job(args)
-    api = "emulator" if args.emulator else Settings.from_env().api_identity
-    plan = make_plan(checked, build_store(Settings.from_env()), api)
+    plan = make_plan(checked, build_store(settings))
     if args.json:
         print(json.dumps(plan.as_dict(), indent=2))
     else:

@@ -52,8 +52,8 @@ class Plan:
         return asdict(self)
 
 
-def make_plan(checked: PreflightResult, store: ObjectStore, api: str) -> Plan:
-    job, run_date = checked.job, checked.run_date
+def make_plan(checked: PreflightResult, store: ObjectStore) -> Plan:
+    job, run_date, api = checked.job, checked.run_date, checked.api
     now = datetime.now(UTC)
     index = None
     if job.cache.enabled and not job.cache.refresh:

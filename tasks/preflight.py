@@ -63,6 +63,7 @@ def describe(exc: ValidationError) -> str:
 class PreflightResult:
     job: JobSpec
     run_date: str
+    api: str  # the API identity the run is checked against (schemas.lineage)
     source: CheckedSource | None  # None: not checked
     existing: RunManifest | None  # the run this date already has, if any
 
@@ -85,4 +86,4 @@ def preflight(
                 "nothing will be resumed. Run the job under another --run-date."
             )
         check_api(existing, api)
-    return PreflightResult(job, run_date, checked, existing)
+    return PreflightResult(job, run_date, api, checked, existing)
